@@ -1,0 +1,392 @@
+"""``edge-agent``: run the daemon, detect on images, benchmark, demo, and check configs.
+
+User errors (bad config, missing model, unreadable image, dead source) print one line naming the
+problem and exit non-zero without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import yaml
+
+from agent import __version__
+from agent.backends import load_backend
+from agent.config import (
+    AgentConfig,
+    ConfigError,
+    DetectionConfig,
+    ModelConfig,
+    build_config,
+    load_config,
+    redacted,
+)
+from agent.errors import AgentError, ImageError
+from agent.postprocess import DetectionParams, decode, resolve_classes
+from agent.preprocess import Preprocessor
+
+log = logging.getLogger("edge-agent")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(AgentError):
+    """Bad command-line arguments: exit 2 like argparse does."""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _model_options(args: argparse.Namespace) -> ModelConfig:
+    try:
+        return ModelConfig(path=args.model, threads=getattr(args, "threads", 0) or 0)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _install_stop_handlers(stop: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- run ---------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _setup_logging(config.log_level)
+    return run_pipeline(config, max_frames=args.frames)
+
+
+def run_pipeline(config: AgentConfig, max_frames: int | None = None) -> int:
+    from agent.pipeline import ActiveModel, Pipeline
+    from agent.sinks import build_sinks
+    from agent.sources import open_source
+
+    options = config.model
+    if options.engine_cache_dir is None:
+        options = options.model_copy(update={"engine_cache_dir": config.state_dir / "engines"})
+    backend = load_backend(options.backend, options.path, options)
+    resolve_or_fail(config.detection, backend.info.class_names)
+    log.info("model loaded: %s", backend.info.summary())
+    source = open_source(config.source)
+    sinks = build_sinks(config.sinks)
+    pipeline = Pipeline(
+        source,
+        ActiveModel(backend),
+        sinks,
+        config.detection,
+        config.pipeline,
+        emit_empty=config.sinks.every_frame,
+        max_frames=max_frames,
+    )
+    _install_stop_handlers(pipeline.stop)
+    try:
+        pipeline.run()
+    finally:
+        source.close()
+        for sink in sinks:
+            sink.close()
+        backend.close()
+    log.info("%s", pipeline.summary_line())
+    if pipeline.error is not None:
+        raise pipeline.error
+    return EXIT_OK
+
+
+def resolve_or_fail(detection: DetectionConfig, names: dict[int, str]) -> None:
+    try:
+        resolve_classes(detection.classes, names)
+    except ValueError as exc:
+        raise ConfigError(f"detection.classes: {exc}") from None
+
+
+# -- detect ------------------------------------------------------------------------------------
+def cmd_detect(args: argparse.Namespace) -> int:
+    backend = load_backend("onnxruntime", args.model, _model_options(args))
+    try:
+        detection = DetectionConfig(
+            confidence=args.conf, iou=args.iou, classes=args.classes or None
+        )
+    except ValueError as exc:
+        raise UsageError(f"bad threshold: {exc}") from None
+    resolve_or_fail(detection, backend.info.class_names)
+    params = DetectionParams(
+        detection.confidence,
+        detection.iou,
+        detection.max_detections,
+        resolve_classes(detection.classes, backend.info.class_names),
+    )
+    pre = Preprocessor(backend.info.imgsz, pool_size=1)
+    tensor = pre.pool.acquire()
+    failures = 0
+    for path in args.images:
+        try:
+            image = read_image(path)
+        except ImageError as exc:
+            print(f"edge-agent: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        tensor, box = pre(image, out=tensor)
+        detections = decode(backend.infer(tensor), box, params, backend.info.class_names)
+        if args.json:
+            record = {
+                "image": str(path),
+                "width": image.shape[1],
+                "height": image.shape[0],
+                "model": {"name": backend.info.model_name, "version": backend.info.model_version},
+                "detections": [d.to_dict() for d in detections],
+            }
+            print(json.dumps(record))
+        else:
+            print(f"{path}: {len(detections)} detection(s)")
+            for d in detections:
+                x1, y1, x2, y2 = d.box
+                print(f"  {d.label:<16} {d.score:.2f}  [{x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}]")
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+def read_image(path: Path) -> Any:
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ImageError(f"cannot decode image {path} (not an image, or corrupt)")
+    return image
+
+
+# -- bench and demo ----------------------------------------------------------------------------
+def _video_source(args: argparse.Namespace, pace: str):
+    from agent.demo import open_demo_source
+
+    try:
+        return open_demo_source(args.source, getattr(args, "shared", None), pace)
+    except LookupError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _demo_model(args: argparse.Namespace) -> Path:
+    from agent.demo import DEMO_MODEL, find_shared_dir, missing_shared_message
+
+    if args.model is not None:
+        return args.model
+    shared = find_shared_dir(args.shared)
+    if shared is None:
+        raise UsageError(missing_shared_message())
+    return shared / DEMO_MODEL
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.bench import run_benchmark
+
+    backend = load_backend("onnxruntime", args.model, _model_options(args))
+    _video_source(args, pace="fast").close()  # fail early; also builds the cached demo video
+    report = run_benchmark(
+        backend, lambda: _video_source(args, pace="fast"), args.frames, args.rounds
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_bench(report)
+    return EXIT_OK
+
+
+def print_bench(report: dict[str, Any]) -> None:
+    model, frame, alone = report["model"], report["source_frame"], report["pre_post_isolated"]
+    print(f"model                 {model['name']} ({model['precision']}, {model['provider']})")
+    print(
+        f"source                {frame['width']}x{frame['height']}, {len(report['rounds'])} rounds"
+    )
+    for i, r in enumerate(report["rounds"], 1):
+        print(
+            f"  round {i}: bare {r['bare']['fps']:.2f} fps, "
+            f"pipeline {r['pipeline']['fps']:.2f} fps, "
+            f"ratio {r['ratio']:.3f}"
+        )
+    print(f"bare inference        {report['bare_inference_fps']:.2f} fps (all rounds)")
+    print(f"pipeline              {report['pipeline_fps']:.2f} fps (all rounds)")
+    print(f"pipeline / bare       {report['pipeline_over_bare']:.3f}")
+    print(
+        f"pre + post p50 alone  {alone['sum_p50_ms']:.2f} ms "
+        f"(pre {alone['preprocess_p50_ms']:.2f}, post {alone['postprocess_p50_ms']:.2f})"
+    )
+    print(f"pre + post p50 in pipeline {report['pre_post_p50_ms_in_pipeline']:.2f} ms")
+    print(
+        "stage p50 ms          " + "  ".join(f"{k} {v}" for k, v in report["stage_p50_ms"].items())
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.pipeline import ActiveModel, Pipeline
+    from agent.sinks import StdoutSink
+
+    _setup_logging("WARNING")
+    model_path = _demo_model(args)
+    backend = load_backend(
+        "onnxruntime", model_path, _model_options(argparse.Namespace(model=model_path))
+    )
+    source = _video_source(args, pace="fast")
+    print(
+        f"demo: {backend.info.model_name} ({backend.info.precision}) on {source.name}",
+        file=sys.stderr,
+    )
+    config = build_config({"model": {"path": str(model_path)}}, "demo defaults")
+    pipeline = Pipeline(
+        source,
+        ActiveModel(backend),
+        [StdoutSink("json" if args.json else "text")],
+        config.detection,
+        config.pipeline,
+        emit_empty=True,
+        max_frames=args.frames,
+    )
+    _install_stop_handlers(pipeline.stop)
+    pipeline.run()
+    source.close()
+    snap = pipeline.stats.snapshot()
+    print(
+        f"\nprocessed {snap['frames_out']} frames at {snap['fps_out'] or 0:.1f} fps "
+        f"(dropped {snap['dropped']}, errors {snap['errors']})"
+    )
+    print(f"{'stage':<12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
+    for stage, values in snap["latency_ms"].items():
+        cells = "".join(
+            f"{values[k] if values[k] is not None else '-':>9}" for k in ("p50", "p95", "p99")
+        )
+        print(f"{stage:<12}{cells}")
+    if pipeline.error is not None:
+        raise pipeline.error
+    return EXIT_OK
+
+
+# -- config ------------------------------------------------------------------------------------
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(
+        f"{args.file}: OK (device {config.device_id}, model {config.model.path}, "
+        f"source {config.source.uri})"
+    )
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------------------------
+def _class_list(text: str) -> list[int | str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected class names or ids separated by commas")
+    return [int(item) if item.isdigit() else item for item in items]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Run quantized YOLOv8 detection on a camera or video and report what it sees.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run", help="run the agent with a config file (the systemd service runs this)"
+    )
+    run.add_argument("-c", "--config", type=Path, required=True, help="YAML config file")
+    run.add_argument("--frames", type=_positive_int, help="stop after this many frames")
+    run.set_defaults(func=cmd_run)
+
+    detect = sub.add_parser("detect", help="detect objects in image files")
+    detect.add_argument("--model", type=Path, required=True, help="YOLOv8 ONNX model")
+    detect.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    detect.add_argument("--json", action="store_true", help="one JSON object per image")
+    detect.add_argument("--conf", type=float, default=0.25, help="confidence threshold (0.25)")
+    detect.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (0.45)")
+    detect.add_argument(
+        "--classes", type=_class_list, metavar="A,B", help="keep only these class names or ids"
+    )
+    detect.add_argument(
+        "--threads", type=int, default=0, help="inference threads (0: runtime default)"
+    )
+    detect.set_defaults(func=cmd_detect)
+
+    bench = sub.add_parser("bench", help="measure bare inference and pipeline throughput")
+    bench.add_argument("--model", type=Path, required=True)
+    bench.add_argument("--source", help="video or folder (default: synthesised 1080p demo video)")
+    bench.add_argument(
+        "--frames", type=_positive_int, default=100, help="pipeline frames per round"
+    )
+    bench.add_argument("--rounds", type=_positive_int, default=8, help="bare/pipeline rounds (8)")
+    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--shared", type=Path, help="shared data folder (default: ../shared)")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser(
+        "demo", help="run the whole loop on a demo video made from ../shared photos"
+    )
+    demo.add_argument(
+        "--model", type=Path, help="model (default: ../shared/models/yolov8n-coco-fp32.onnx)"
+    )
+    demo.add_argument("--source", help="video or folder (default: synthesised 1080p video)")
+    demo.add_argument("--shared", type=Path, help="shared data folder (default: ../shared)")
+    demo.add_argument("--frames", type=_positive_int, help="stop after this many frames")
+    demo.add_argument("--json", action="store_true", help="print detections as JSON lines")
+    demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser("config", help="check or show configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = config_sub.add_parser(
+        "check", help="validate a config file (and EDGE_AGENT_* overrides)"
+    )
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_config_check)
+    show = config_sub.add_parser("show", help="print the effective config, secrets masked")
+    show.add_argument("-c", "--config", type=Path, help="YAML config file")
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as exc:
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The agent's configuration: one typed tree, from a YAML file plus ``EDGE_AGENT_*`` overrides.
+
+Unknown keys and bad values are rejected at start with a single message that names every bad
+field, so a typo in a config file never turns into a silently ignored setting on a remote device.
+
+Environment overrides use ``__`` between levels: ``EDGE_AGENT_DETECTION__CONFIDENCE=0.4``.
+Values are parsed as YAML scalars, so ``0.4`` is a number and ``[0, 2]`` a list.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+# Variables under the prefix that are not config overrides.
+ENV_RESERVED = {"EDGE_AGENT_CONFIG", "EDGE_AGENT_SHARED"}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(StrictModel):
+    """Where frames come from and how a lost source is brought back."""
+
+    uri: str = Field(
+        "0",
+        description="Video file, image folder, camera index or /dev/videoN, rtsp:// or http:// "
+        "URL, "
+        "or a GStreamer pipeline ending in appsink.",
+    )
+    kind: Literal["auto", "file", "folder", "v4l2", "stream", "gstreamer"] = "auto"
+    pace: Literal["realtime", "fast"] = Field(
+        "realtime",
+        description="File sources: play at their own frame rate, or as fast as possible.",
+    )
+    loop: bool = Field(False, description="File sources: start again at the end.")
+    fps: float | None = Field(
+        None, gt=0, description="Frame rate for image folders or files without one."
+    )
+    width: int | None = Field(None, gt=0, description="Requested capture width (cameras).")
+    height: int | None = Field(None, gt=0, description="Requested capture height (cameras).")
+    decode_threads: int = Field(
+        1,
+        ge=0,
+        description="FFmpeg decoder threads (files, streams); 1 saves CPU for inference, 0 = auto.",
+    )
+    stall_timeout_s: float = Field(5.0, gt=0, description="No frame for this long: reconnect.")
+    reconnect_initial_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    max_reconnects: int | None = Field(
+        None, ge=0, description="Give up after this many failed attempts in a row (None: never)."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> SourceConfig:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """Which model runs, on which backend, with which providers."""
+
+    path: Path = Field(description="ONNX model file.")
+    backend: str = "onnxruntime"
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="ONNX Runtime providers in fallback order (unavailable ones are skipped).",
+    )
+    threads: int = Field(0, ge=0, description="Intra-op threads; 0 lets the runtime decide.")
+    engine_cache_dir: Path | None = Field(
+        None, description="TensorRT execution provider engine cache (default: <state_dir>/engines)."
+    )
+    names: dict[int, str] | None = Field(None, description="Override the model's class names.")
+    imgsz: tuple[int, int] | None = Field(None, description="Override the model's input (h, w).")
+    warmup_runs: int = Field(1, ge=0)
+
+    @field_validator("providers")
+    @classmethod
+    def _providers_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one provider is needed")
+        return value
+
+
+class DetectionConfig(StrictModel):
+    """Thresholds applied after inference; can change live."""
+
+    confidence: float = Field(0.25, ge=0.0, le=1.0)
+    iou: float = Field(0.45, ge=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1)
+    classes: list[int | str] | None = Field(
+        None, description="Keep only these classes (ids or names); None keeps all."
+    )
+
+
+class PipelineConfig(StrictModel):
+    """Stage queues, deadlines and statistics."""
+
+    queue_size: int = Field(2, ge=1, le=64, description="Bound of each queue between stages.")
+    deadline_ms: float = Field(
+        1000.0, gt=0, description="A frame older than this when it reaches inference is late."
+    )
+    drop_late: bool = Field(
+        True, description="Live sources: skip frames already past the deadline before inference."
+    )
+    latency_window: int = Field(1000, ge=10, description="Frames kept in the rolling histograms.")
+    summary_interval_s: float = Field(10.0, gt=0, description="Period of the log line with fps.")
+    helper_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness added to capture/preprocess threads so inference keeps the cores "
+        "it needs; they run in its gaps. 0 disables.",
+    )
+    opencv_threads: int = Field(
+        1,
+        ge=0,
+        description="OpenCV worker threads; 1 leaves the cores to inference, 0 = OpenCV default.",
+    )
+
+
+class SinksConfig(StrictModel):
+    """Where results go. More sinks (MQTT) plug in beside these."""
+
+    stdout: bool = False
+    stdout_format: Literal["json", "text"] = "json"
+    jsonl: Path | None = Field(None, description="Append one JSON line per result to this file.")
+    every_frame: bool = Field(False, description="Also emit frames with no detections.")
+
+
+class AgentConfig(StrictModel):
+    device_id: str = Field(default_factory=socket.gethostname, min_length=1)
+    state_dir: Path = Path("/var/lib/edge-agent")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    model: ModelConfig
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+
+
+def describe_validation_error(error: ValidationError, origin: str) -> str:
+    """One message naming every bad field and why."""
+    lines = [f"invalid configuration ({origin}): {error.error_count()} problem(s)"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  - {where}: {message}")
+    return "\n".join(lines)
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``EDGE_AGENT_A__B=v`` variables into a nested dict ``{"a": {"b": v}}``."""
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {name}: conflicts with another override")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: top level must be a mapping, got {type(data).__name__}"
+        )
+    return data
+
+
+def build_config(data: Mapping[str, Any], origin: str = "settings") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, origin)) from None
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Load a config file (optional) and apply environment overrides on top.
+
+    Raises:
+        ConfigError: with every bad field listed.
+    """
+    environ = os.environ if environ is None else environ
+    data = read_yaml(path) if path is not None else {}
+    overrides = env_overrides(environ)
+    origin = str(path) if path is not None else "no file"
+    if overrides:
+        origin += " + EDGE_AGENT_* environment"
+    return build_config(deep_merge(data, overrides), origin)
+
+
+def redacted(config: AgentConfig) -> dict[str, Any]:
+    """The config as plain data, secrets masked (pydantic SecretStr prints as stars)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,339 @@
+"""The staged detection loop: capture -> preprocess -> infer -> postprocess -> sinks.
+
+Each stage runs on its own thread and hands work on through a small bounded queue, so decoding
+frame N+2 and letterboxing frame N+1 overlap with inference on frame N (OpenCV and ONNX Runtime
+release the GIL). Live sources keep only the newest frame; file sources apply back-pressure and
+never drop. The active model is asked for once per frame, at preprocess, and that frame keeps it
+through inference and postprocess, so a model swap falls cleanly between two frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.backends.base import Backend
+from agent.config import DetectionConfig, PipelineConfig
+from agent.errors import SourceError
+from agent.postprocess import DetectionParams, decode, resolve_classes
+from agent.preprocess import Letterbox, Preprocessor
+from agent.sinks import FrameResult, Sink
+from agent.sources import Frame, FrameSource
+from agent.telemetry import PipelineStats
+
+log = logging.getLogger(__name__)
+
+_END = object()  # flows down the queues once the source is exhausted or stopped
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise this thread's niceness (Linux schedules threads individually); best effort."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError) as exc:
+        log.debug("cannot lower thread priority: %s", exc)
+
+
+class ActiveModel:
+    """The one reference the loop reads per frame; swapping it replaces the model between frames."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Backend:
+        return self._backend
+
+    def swap(self, backend: Backend) -> Backend:
+        with self._lock:
+            previous, self._backend = self._backend, backend
+        return previous
+
+
+class StageQueue:
+    """A bounded queue whose blocking calls give up when the pipeline stops."""
+
+    def __init__(self, maxsize: int, stop: threading.Event) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._stop = stop
+
+    def put(self, item: Any) -> None:
+        """Block while full (back-pressure); the end marker always gets through."""
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._stop.is_set() and item is not _END:
+                    return
+
+    def put_latest(self, item: Any) -> Any | None:
+        """Never block: when full, push out the oldest item and return it (it was dropped)."""
+        dropped = None
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return dropped
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    dropped = self._queue.get_nowait()
+
+    def get(self) -> Any:
+        return self._queue.get()
+
+
+@dataclass(slots=True)
+class Job:
+    frame: Frame
+    model: Backend
+    preprocessor: Preprocessor
+    tensor: np.ndarray
+    letterbox: Letterbox
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    output: np.ndarray | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        source: FrameSource,
+        model: Callable[[], Backend],
+        sinks: Sequence[Sink],
+        detection: DetectionConfig,
+        config: PipelineConfig,
+        emit_empty: bool = False,
+        max_frames: int | None = None,
+    ) -> None:
+        self.source = source
+        self.model = model
+        self.sinks = list(sinks)
+        self.config = config
+        self.emit_empty = emit_empty
+        self.max_frames = max_frames
+        self.stats = PipelineStats(config.latency_window)
+        self.error: SourceError | None = None
+        self.last_result: FrameResult | None = None
+        self._detection = detection
+        self._params_cache: dict[int, DetectionParams] = {}
+        self._preprocessors: dict[tuple, Preprocessor] = {}
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._to_preprocess = StageQueue(config.queue_size, self._stop)
+        self._to_infer = StageQueue(config.queue_size, self._stop)
+        self._to_postprocess = StageQueue(config.queue_size, self._stop)
+        self._threads: list[threading.Thread] = []
+
+    # -- control ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.config.opencv_threads:
+            cv2.setNumThreads(self.config.opencv_threads)
+        for name, target in (
+            ("capture", self._capture_loop),
+            ("preprocess", self._preprocess_loop),
+            ("inference", self._inference_loop),
+            ("postprocess", self._postprocess_loop),
+        ):
+            thread = threading.Thread(target=self._guard(name, target), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop capturing; frames already in flight still finish."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the pipeline to drain; logs a summary line every ``summary_interval_s``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_summary = time.monotonic() + self.config.summary_interval_s
+        while not self._done.is_set():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._done.wait(0.2 if remaining is None else min(0.2, remaining))
+            if time.monotonic() >= next_summary:
+                log.info("%s", self.summary_line())
+                next_summary += self.config.summary_interval_s
+        for thread in self._threads:
+            thread.join(timeout=1.0)
+        return True
+
+    def run(self) -> None:
+        self.start()
+        self.wait()
+
+    def set_thresholds(self, **changes: Any) -> DetectionConfig:
+        """Change confidence/iou/max_detections/classes live; validated like the config file."""
+        updated = self._detection.model_validate({**self._detection.model_dump(), **changes})
+        self._detection = updated
+        self._params_cache = {}
+        return updated
+
+    @property
+    def detection(self) -> DetectionConfig:
+        return self._detection
+
+    def summary_line(self) -> str:
+        snap = self.stats.snapshot()
+        lat = snap["latency_ms"]
+        fps = snap["fps_out"]
+        return (f"fps {fps:.1f} " if fps else "fps - ") + (
+            f"in {snap['frames_in']} out {snap['frames_out']} dropped {snap['dropped']} "
+            f"late {snap['late']} errors {snap['errors']} | p50 ms: "
+            + " ".join(f"{k} {v['p50']}" for k, v in lat.items())
+        )
+
+    # -- stages ----------------------------------------------------------------------------
+    def _guard(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            if name in ("capture", "preprocess") and self.config.helper_nice:
+                lower_thread_priority(self.config.helper_nice)
+            try:
+                target()
+            except Exception:
+                log.exception("pipeline stage %s crashed", name)
+                self.stats.count("errors")
+                self._stop.set()
+                self._done.set()
+
+        return run
+
+    def _capture_loop(self) -> None:
+        source = self.source
+        try:
+            while not self._stop.is_set():
+                if self.max_frames is not None and self.stats.frames_in >= self.max_frames:
+                    break
+                started = time.perf_counter()
+                try:
+                    frame = source.read(timeout=0.5)
+                except TimeoutError:
+                    continue
+                if frame is None:
+                    break
+                self.stats.count("frames_in")
+                if not source.live:
+                    # a file frame's capture cost is its decode; a live frame's is its age
+                    capture_ms = (time.perf_counter() - started) * 1000
+                else:
+                    capture_ms = (time.monotonic() - frame.captured) * 1000
+                self.stats.latency["capture"].add(capture_ms)
+                if source.live:
+                    if self._to_preprocess.put_latest(frame) is not None:
+                        self.stats.count("dropped")
+                else:
+                    self._to_preprocess.put(frame)
+        except SourceError as exc:
+            self.error = exc
+            log.error("%s", exc)
+        finally:
+            self._to_preprocess.put(_END)
+
+    def _preprocessor_for(self, model: Backend) -> Preprocessor:
+        key = (model.info.imgsz, model.info.input_dtype)
+        pre = self._preprocessors.get(key)
+        if pre is None:
+            # every queue slot, plus the tensor being filled and the one being inferred
+            pool = self.config.queue_size * 2 + 2
+            pre = Preprocessor(model.info.imgsz, np.dtype(model.info.input_dtype), pool)
+            self._preprocessors[key] = pre
+        return pre
+
+    def _preprocess_loop(self) -> None:
+        while (frame := self._to_preprocess.get()) is not _END:
+            model = self.model()
+            pre = self._preprocessor_for(model)
+            started = time.perf_counter()
+            try:
+                tensor, box = pre(frame.image)
+            except ValueError as exc:
+                log.warning("frame %d skipped: %s", frame.frame_id, exc)
+                self.stats.count("errors")
+                continue
+            elapsed = (time.perf_counter() - started) * 1000
+            self.stats.latency["preprocess"].add(elapsed)
+            self._to_infer.put(Job(frame, model, pre, tensor, box, {"preprocess": elapsed}))
+        self._to_infer.put(_END)
+
+    def _inference_loop(self) -> None:
+        while (job := self._to_infer.get()) is not _END:
+            try:
+                age_ms = (time.monotonic() - job.frame.captured) * 1000
+                if self.source.live and self.config.drop_late and age_ms > self.config.deadline_ms:
+                    self.stats.count("late")
+                    self.stats.count("dropped")
+                    continue
+                started = time.perf_counter()
+                try:
+                    job.output = job.model.infer(job.tensor)
+                except Exception as exc:
+                    log.warning("inference failed on frame %d: %s", job.frame.frame_id, exc)
+                    self.stats.count("errors")
+                    continue
+                elapsed = (time.perf_counter() - started) * 1000
+            finally:
+                job.preprocessor.pool.release(job.tensor)
+            self.stats.latency["inference"].add(elapsed)
+            job.latency_ms["inference"] = elapsed
+            self._to_postprocess.put(job)
+        self._to_postprocess.put(_END)
+
+    def _params_for(self, model: Backend) -> DetectionParams:
+        key = id(model.info)
+        params = self._params_cache.get(key)
+        if params is None:
+            d = self._detection
+            params = DetectionParams(
+                confidence=d.confidence,
+                iou=d.iou,
+                max_detections=d.max_detections,
+                class_ids=resolve_classes(d.classes, model.info.class_names),
+            )
+            self._params_cache[key] = params
+        return params
+
+    def _postprocess_loop(self) -> None:
+        try:
+            while (job := self._to_postprocess.get()) is not _END:
+                self._finish(job)
+        finally:
+            self._done.set()
+
+    def _finish(self, job: Job) -> None:
+        started = time.perf_counter()
+        try:
+            detections = decode(
+                job.output, job.letterbox, self._params_for(job.model), job.model.info.class_names
+            )
+        except (ValueError, IndexError) as exc:
+            log.warning("postprocess failed on frame %d: %s", job.frame.frame_id, exc)
+            self.stats.count("errors")
+            return
+        post_ms = (time.perf_counter() - started) * 1000
+        self.stats.latency["postprocess"].add(post_ms)
+        job.latency_ms["postprocess"] = post_ms
+        total_ms = (time.monotonic() - job.frame.captured) * 1000
+        job.latency_ms["total"] = total_ms
+        result = FrameResult(job.frame, job.model.info, detections, job.latency_ms)
+        self.last_result = result
+        sink_started = time.perf_counter()
+        for sink in self.sinks if (detections or self.emit_empty) else ():
+            try:
+                sink.emit(result)
+            except Exception as exc:
+                log.warning("sink %s failed: %s", type(sink).__name__, exc)
+                self.stats.count("errors")
+        self.stats.latency["sink"].add((time.perf_counter() - sink_started) * 1000)
+        self.stats.latency["total"].add(total_ms)
+        if total_ms > self.config.deadline_ms:
+            self.stats.count("late")
+        self.stats.mark_out(time.monotonic())

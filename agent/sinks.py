@@ -1,0 +1,93 @@
+"""Where results go. A sink gets every ``FrameResult`` on the postprocess thread and must be quick;
+a sink that talks to the network (MQTT) hands the message to its own queue and returns."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from agent.backends.base import BackendInfo
+from agent.config import SinksConfig
+from agent.postprocess import Detection
+from agent.sources import Frame
+
+log = logging.getLogger(__name__)
+
+DETECTIONS_SCHEMA = "edge-agent/detections/v1"
+
+
+@dataclass(slots=True)
+class FrameResult:
+    frame: Frame
+    model: BackendInfo
+    detections: list[Detection]
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        height, width = self.frame.image.shape[:2]
+        return {
+            "schema": DETECTIONS_SCHEMA,
+            "frame_id": self.frame.frame_id,
+            "timestamp": round(self.frame.timestamp, 6),
+            "source": self.frame.source,
+            "model": {"name": self.model.model_name, "version": self.model.model_version},
+            "image": {"width": width, "height": height},
+            "detections": [d.to_dict() for d in self.detections],
+            "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()},
+        }
+
+
+class Sink(Protocol):
+    def emit(self, result: FrameResult) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def describe(detections: list[Detection]) -> str:
+    return ", ".join(f"{d.label} {d.score:.2f}" for d in detections) or "nothing"
+
+
+class StdoutSink:
+    def __init__(self, fmt: str = "json", stream: TextIO | None = None) -> None:
+        self._fmt = fmt
+        self._stream = stream or sys.stdout
+
+    def emit(self, result: FrameResult) -> None:
+        if self._fmt == "json":
+            line = json.dumps(result.to_dict(), separators=(",", ":"))
+        else:
+            total = result.latency_ms.get("total", 0.0)
+            line = (
+                f"frame {result.frame.frame_id:>6}  {total:7.1f} ms  {describe(result.detections)}"
+            )
+        print(line, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+class JsonlSink:
+    """One JSON object per line, appended; line-buffered so a crash loses at most one line."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = path.open("a", encoding="utf-8", buffering=1)
+
+    def emit(self, result: FrameResult) -> None:
+        self._handle.write(json.dumps(result.to_dict(), separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def build_sinks(config: SinksConfig) -> list[Sink]:
+    sinks: list[Sink] = []
+    if config.stdout:
+        sinks.append(StdoutSink(config.stdout_format))
+    if config.jsonl is not None:
+        sinks.append(JsonlSink(config.jsonl))
+    return sinks

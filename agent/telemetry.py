@@ -1,0 +1,86 @@
+"""Rolling latency windows and pipeline counters (system probes join them with the MQTT link)."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+
+STAGES = ("capture", "preprocess", "inference", "postprocess", "sink", "total")
+
+
+class LatencyWindow:
+    """The last ``size`` samples of one stage, in milliseconds; percentiles computed on demand."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, millis: float) -> None:
+        with self._lock:
+            self._samples.append(millis)
+            self.count += 1
+
+    def values(self) -> np.ndarray:
+        with self._lock:
+            return np.fromiter(self._samples, dtype=np.float64, count=len(self._samples))
+
+    def percentiles(self, qs: Iterable[float] = (50, 95, 99)) -> dict[str, float | None]:
+        data = self.values()
+        qs = list(qs)
+        if data.size == 0:
+            return {f"p{q:g}": None for q in qs}
+        values = np.percentile(data, qs)
+        return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, values, strict=True)}
+
+
+class PipelineStats:
+    """Counters and per-stage latency windows shared by the pipeline's threads."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.latency = {stage: LatencyWindow(window) for stage in STAGES}
+        self._lock = threading.Lock()
+        self.frames_in = 0
+        self.frames_out = 0
+        self.dropped = 0
+        self.late = 0
+        self.errors = 0
+        self.first_out: float | None = None
+        self.last_out: float | None = None
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def mark_out(self, now: float) -> None:
+        with self._lock:
+            self.frames_out += 1
+            if self.first_out is None:
+                self.first_out = now
+            self.last_out = now
+
+    def throughput_fps(self) -> float | None:
+        """Steady-state output rate: frames between the first and last result over that span."""
+        with self._lock:
+            if self.first_out is None or self.last_out is None or self.frames_out < 2:
+                return None
+            span = self.last_out - self.first_out
+            return (self.frames_out - 1) / span if span > 0 else None
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            counters = {
+                "frames_in": self.frames_in,
+                "frames_out": self.frames_out,
+                "dropped": self.dropped,
+                "late": self.late,
+                "errors": self.errors,
+            }
+        return {
+            **counters,
+            "fps_out": self.throughput_fps(),
+            "latency_ms": {stage: w.percentiles() for stage, w in self.latency.items()},
+        }

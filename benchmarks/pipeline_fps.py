@@ -1,0 +1,69 @@
+"""Issue 2 targets, measured in one run on the 1080p demo video:
+
+- pipeline FPS >= 0.95 x bare inference FPS (median of interleaved rounds);
+- preprocess + postprocess <= 3 ms p50 per 1080p frame.
+
+Usage: python benchmarks/pipeline_fps.py [--model M] [--frames N] [--rounds R] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent.backends import load_backend
+from agent.bench import run_benchmark
+from agent.cli import print_bench
+from agent.config import ModelConfig
+from agent.demo import DEMO_MODEL, find_shared_dir, missing_shared_message, open_demo_source
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--source")
+    parser.add_argument("--shared", type=Path)
+    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the full report here")
+    args = parser.parse_args()
+    shared = find_shared_dir(args.shared)
+    if args.model is None:
+        if shared is None:
+            print(missing_shared_message(), file=sys.stderr)
+            return 2
+        args.model = shared / DEMO_MODEL
+    backend = load_backend(
+        "onnxruntime", args.model, ModelConfig(path=args.model, threads=args.threads)
+    )
+    report = run_benchmark(
+        backend,
+        lambda: open_demo_source(args.source, args.shared, "fast"),
+        args.frames,
+        args.rounds,
+    )
+    print_bench(report)
+    alone = report["pre_post_isolated"]["sum_p50_ms"]
+    ratio = report["pipeline_over_bare"]
+    print()
+    print(
+        f"pipeline_fps / bare_inference_fps = {ratio:.3f}   target >= 0.95  "
+        f"{'PASS' if ratio >= 0.95 else 'MISS'}"
+    )
+    print(
+        f"preprocess + postprocess p50      = {alone:.2f} ms (alone on a 1080p frame), "
+        f"{report['pre_post_p50_ms_in_pipeline']:.2f} ms (wall, inside the pipeline)   "
+        f"target <= 3 ms  {'PASS' if alone <= 3.0 else 'MISS'}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""edge-models: the model factory (quantize, evaluate, gate, publish)."""

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included: `bash scripts/test.sh [pytest args]`.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+cd "$ROOT"
+if [ ! -f "$ROOT/../shared/models/yolov8n-coco-fp32.onnx" ] && [ -z "${EDGE_AGENT_SHARED:-}" ]; then
+  echo "warning: ../shared not found beside the project; tests that need real data will fail" >&2
+fi
+log "ruff"
+ruff check .
+ruff format --check . >/dev/null
+log "pytest"
+exec python -m pytest "$@"
