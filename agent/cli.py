@@ -74,38 +74,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(config: AgentConfig, max_frames: int | None = None) -> int:
-    from agent.pipeline import ActiveModel, Pipeline
-    from agent.sinks import build_sinks
-    from agent.sources import open_source
+    from agent.runtime import Agent
 
-    options = config.model
-    if options.engine_cache_dir is None:
-        options = options.model_copy(update={"engine_cache_dir": config.state_dir / "engines"})
-    backend = load_backend(options.backend, options.path, options)
-    resolve_or_fail(config.detection, backend.info.class_names)
-    log.info("model loaded: %s", backend.info.summary())
-    source = open_source(config.source)
-    sinks = build_sinks(config.sinks)
-    pipeline = Pipeline(
-        source,
-        ActiveModel(backend),
-        sinks,
-        config.detection,
-        config.pipeline,
-        emit_empty=config.sinks.every_frame,
-        max_frames=max_frames,
-    )
-    _install_stop_handlers(pipeline.stop)
-    try:
-        pipeline.run()
-    finally:
-        source.close()
-        for sink in sinks:
-            sink.close()
-        backend.close()
-    log.info("%s", pipeline.summary_line())
-    if pipeline.error is not None:
-        raise pipeline.error
+    agent = Agent(config, max_frames=max_frames)
+    _install_stop_handlers(agent.stop)
+    agent.run()
     return EXIT_OK
 
 

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import ConfigError
 
@@ -139,6 +147,72 @@ class SinksConfig(StrictModel):
     every_frame: bool = Field(False, description="Also emit frames with no detections.")
 
 
+class TlsConfig(StrictModel):
+    """Broker TLS. Certificate checks stay on unless ``insecure`` is set on purpose."""
+
+    ca_file: Path | None = Field(None, description="CA bundle (default: the system store).")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(None, description="Client private key for mutual TLS.")
+    insecure: bool = Field(
+        False, description="Skip hostname and certificate checks (testing only)."
+    )
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class HomeAssistantConfig(StrictModel):
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+    classes: list[str] = Field(
+        default_factory=lambda: ["person"], description="One binary sensor each."
+    )
+    off_delay_s: int = Field(5, ge=1, description="A class not seen for this long turns off.")
+
+
+class MqttConfig(StrictModel):
+    """The MQTT link. Works with any MQTT 3.1.1 or 5 broker."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    prefix: str = Field("edge", min_length=1, pattern=r"^[^#+]+$")
+    client_id: str | None = Field(None, description="Default: edge-agent-<device_id>.")
+    keepalive_s: int = Field(30, ge=5, le=65535)
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="Prefer password_file or the environment.")
+    password_file: Path | None = Field(None, description="File whose first line is the password.")
+    tls: TlsConfig | None = None
+    qos_detections: Literal[0, 1, 2] = 1
+    qos_events: Literal[0, 1, 2] = 1
+    qos_telemetry: Literal[0, 1, 2] = 0
+    telemetry_interval_s: float = Field(10.0, gt=0)
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+    inflight: int = Field(20, ge=1, le=1000, description="QoS>0 messages awaiting PUBACK at once.")
+    max_command_bytes: int = Field(65536, ge=256)
+    home_assistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> MqttConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+
+class OutboxConfig(StrictModel):
+    """The durable queue between the loop and the broker."""
+
+    path: Path | None = Field(None, description="Default: <state_dir>/outbox.sqlite.")
+    max_messages: int = Field(100_000, ge=10)
+    max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    max_age_s: float = Field(7 * 24 * 3600.0, gt=0)
+
+
 class AgentConfig(StrictModel):
     device_id: str = Field(default_factory=socket.gethostname, min_length=1)
     state_dir: Path = Path("/var/lib/edge-agent")
@@ -148,6 +222,8 @@ class AgentConfig(StrictModel):
     detection: DetectionConfig = Field(default_factory=DetectionConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
 
 
 def describe_validation_error(error: ValidationError, origin: str) -> str:

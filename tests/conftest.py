@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -91,3 +93,75 @@ def run_cli(
         env=full_env,
         cwd=cwd or ROOT,
     )
+
+
+@pytest.fixture
+def broker(tmp_path):
+    from tests.brokers import Mosquitto
+
+    instance = Mosquitto(tmp_path / "broker").start()
+    yield instance
+    instance.stop()
+
+
+def agent_config(
+    tmp_path: Path, model: Path, source: dict, mqtt: dict | None = None, **extra
+) -> Path:
+    """A config file for ``edge-agent run``: JSON lines as ground truth, MQTT when given."""
+    import yaml
+
+    data = {
+        "device_id": "dev1",
+        "state_dir": str(tmp_path / "state"),
+        "log_level": "INFO",
+        "model": {"path": str(model)},
+        "source": source,
+        "sinks": {"jsonl": str(tmp_path / "out.jsonl"), "every_frame": True},
+        "pipeline": {"summary_interval_s": 1.0},
+        **extra,
+    }
+    if mqtt is not None:
+        data["mqtt"] = {
+            "enabled": True,
+            "host": "127.0.0.1",
+            "reconnect_min_s": 1,
+            "reconnect_max_s": 2,
+            "telemetry_interval_s": 1,
+            **mqtt,
+        }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class AgentProcess:
+    """``edge-agent run`` in a child process, with its stderr kept in a file."""
+
+    def __init__(self, config: Path, *args: str, env: dict | None = None) -> None:
+        self.log_path = config.parent / f"agent-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "-c", str(config), *args],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.alive():
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=timeout)
+        self._log.close()
+        return code
+
+    def wait(self, timeout: float = 120) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._log.close()
+        return code

@@ -229,3 +229,24 @@ def test_cli_module_runs_without_shared_for_help(tmp_path):
         env={**env, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0 and "--shared" in result.stdout
+
+
+def test_config_show_masks_the_mqtt_password(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "model: {path: m.onnx}\nmqtt: {enabled: true, username: dev, password: hunter2}\n"
+    )
+    shown = run_cli("config", "show", "-c", str(path))
+    assert shown.returncode == 0
+    assert "hunter2" not in shown.stdout and "password: '**********'" in shown.stdout
+    from_env = run_cli(
+        "config", "show", "-c", str(path), env={"EDGE_AGENT_MQTT__PASSWORD": "s3cret"}
+    )
+    assert "s3cret" not in from_env.stdout
+
+
+def test_config_rejects_password_and_password_file_together(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text("model: {path: m.onnx}\nmqtt: {password: a, password_file: /etc/pw}\n")
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 1 and "give password or password_file, not both" in result.stderr

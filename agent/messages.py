@@ -1,0 +1,71 @@
+"""Payloads the agent publishes. Each carries a ``schema`` id; agent/schemas/ holds the JSON
+Schema of each, and the tests validate every message the agent sends against it."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from agent import __version__
+from agent.backends.base import BackendInfo
+
+STATUS = "edge-agent/status/v1"
+DETECTIONS = "edge-agent/detections/v1"
+TELEMETRY = "edge-agent/telemetry/v1"
+EVENT = "edge-agent/event/v1"
+COMMAND_RESULT = "edge-agent/command-result/v1"
+
+
+def model_ref(info: BackendInfo | None) -> dict[str, str] | None:
+    if info is None:
+        return None
+    return {"name": info.model_name, "version": info.model_version, "precision": info.precision}
+
+
+def status(state: str, device_id: str, session: str, model: BackendInfo | None) -> dict[str, Any]:
+    return {
+        "schema": STATUS,
+        "state": state,
+        "device_id": device_id,
+        "session": session,
+        "agent_version": __version__,
+        "model": model_ref(model),
+        "timestamp": round(time.time(), 3),
+    }
+
+
+def event(
+    kind: str, message: str, level: str, device_id: str, details: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "schema": EVENT,
+        "kind": kind,
+        "level": level,
+        "message": message,
+        "device_id": device_id,
+        "details": details,
+        "timestamp": round(time.time(), 3),
+    }
+
+
+def command_result(
+    name: str, request_id: str | int | None, ok: bool, result: Any = None, error: str | None = None
+) -> dict[str, Any]:
+    reply: dict[str, Any] = {
+        "schema": COMMAND_RESULT,
+        "command": name,
+        "id": request_id,
+        "ok": ok,
+        "timestamp": round(time.time(), 3),
+    }
+    if ok:
+        reply["result"] = result
+    else:
+        reply["error"] = error
+    return reply
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """Compact JSON, the wire format of every payload."""
+    return json.dumps(payload, separators=(",", ":")).encode()

@@ -1,0 +1,364 @@
+"""The MQTT link: connection, topics, last will, and the publisher that drains the outbox.
+
+paho-mqtt runs the network on its own thread and reconnects with backoff. The publisher thread
+hands outbox rows to paho a window at a time and deletes a row only on its PUBACK, so nothing is
+lost while the broker is away: paho re-sends its in-flight window after a reconnect, and rows it
+never got stay in the outbox (across restarts too). Delivery is at least once, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import MqttConfig
+from agent.errors import ConfigError
+from agent.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    device_id: str
+
+    def device(self, leaf: str) -> str:
+        return f"{self.prefix}/{self.device_id}/{leaf}"
+
+    @property
+    def status(self) -> str:
+        return self.device("status")
+
+    @property
+    def detections(self) -> str:
+        return self.device("detections")
+
+    @property
+    def telemetry(self) -> str:
+        return self.device("telemetry")
+
+    @property
+    def events(self) -> str:
+        return self.device("events")
+
+    @property
+    def model(self) -> str:
+        return self.device("model")
+
+    @property
+    def commands(self) -> str:
+        return self.device("cmd/+")
+
+    def command_name(self, topic: str) -> str | None:
+        """``cmd/<name>`` (name may contain one more level, e.g. ``config/thresholds``)."""
+        head = self.device("cmd/")
+        if not topic.startswith(head) or topic.endswith("/result"):
+            return None
+        return topic[len(head) :] or None
+
+    def command_result(self, name: str) -> str:
+        return self.device(f"cmd/{name}/result")
+
+    def fleet_announce(self, channel: str) -> str:
+        return f"{self.prefix}/fleet/{channel}/announce"
+
+
+def read_password(config: MqttConfig) -> str | None:
+    if config.password_file is not None:
+        try:
+            lines = config.password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(
+                f"mqtt.password_file: cannot read {config.password_file}: {exc}"
+            ) from None
+        return lines[0] if lines else ""
+    if config.password is not None:
+        return config.password.get_secret_value()
+    return None
+
+
+def _check_readable(path: Path | None, field: str) -> None:
+    if path is not None and not path.is_file():
+        raise ConfigError(f"mqtt.tls.{field}: file not found: {path}")
+
+
+def describe_reason(reason: ReasonCode | int | None) -> str:
+    if reason is None:
+        return "unknown"
+    text = str(reason)
+    hints = {
+        "Not authorized": " (check mqtt.username and the password)",
+        "Bad user name or password": " (check mqtt.username and the password)",
+    }
+    return text + hints.get(text, "")
+
+
+class MqttLink:
+    """One paho client: connects in the background, keeps reconnecting, routes callbacks."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        device_id: str,
+        last_will: bytes,
+        on_command: Callable[[str, bytes, Any], None] | None = None,
+        subscriptions: list[str] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        on_message: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(config.prefix, device_id)
+        self.connected = threading.Event()
+        self.connects = 0
+        self.connect_failures = 0
+        self.last_error: str | None = None
+        self.on_publish: Callable[[int, bool, str], None] | None = None
+        self._stopping = False
+        self._on_command = on_command
+        self._on_connected = on_connected
+        self._on_message = on_message
+        self._subscriptions = [self.topics.device("cmd/#"), *(subscriptions or [])]
+        protocol = paho.MQTTv5 if config.protocol == "5" else paho.MQTTv311
+        client_id = config.client_id or f"edge-agent-{device_id}"
+        kwargs: dict[str, Any] = {
+            "callback_api_version": CallbackAPIVersion.VERSION2,
+            "client_id": client_id,
+            "protocol": protocol,
+        }
+        if protocol == paho.MQTTv311:
+            kwargs["clean_session"] = True
+        client = paho.Client(**kwargs)
+        client.enable_logger(logging.getLogger("paho"))
+        client.max_inflight_messages_set(config.inflight)
+        client.reconnect_delay_set(
+            int(config.reconnect_min_s) or 1, int(config.reconnect_max_s) or 1
+        )
+        client.will_set(self.topics.status, last_will, qos=1, retain=True)
+        if config.username is not None:
+            client.username_pw_set(config.username, read_password(config))
+        if config.tls is not None:
+            tls = config.tls
+            _check_readable(tls.ca_file, "ca_file")
+            _check_readable(tls.cert_file, "cert_file")
+            _check_readable(tls.key_file, "key_file")
+            try:
+                client.tls_set(
+                    ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                    certfile=str(tls.cert_file) if tls.cert_file else None,
+                    keyfile=str(tls.key_file) if tls.key_file else None,
+                    cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
+                )
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(f"mqtt.tls: cannot load certificates: {exc}") from None
+            if tls.insecure:
+                log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT checked")
+                client.tls_insecure_set(True)
+        client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        self.client = client
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.client.connect_async(
+            self.config.host, self.config.port, keepalive=self.config.keepalive_s
+        )
+        self.client.loop_start()
+
+    def stop(self, final_status: bytes | None = None, timeout: float = 3.0) -> None:
+        """Publish ``final_status`` (retained) if connected, then disconnect cleanly."""
+        self._stopping = True
+        if final_status is not None and self.connected.is_set():
+            info = self.client.publish(self.topics.status, final_status, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish the final status: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+    def publish_info(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False
+    ) -> paho.MQTTMessageInfo | None:
+        """Hand one message to paho; None when not connected (paho did not take it)."""
+        if not self.connected.is_set():
+            return None
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info if info.rc == paho.MQTT_ERR_SUCCESS else None
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        """Fire and forget (telemetry, command replies): True if paho took it."""
+        return self.publish_info(topic, payload, qos, retain) is not None
+
+    # -- paho callbacks (network thread) -------------------------------------------------------
+    def _handle_connect(self, client, userdata, flags, reason, properties) -> None:
+        if reason.is_failure:
+            self.connect_failures += 1
+            self.last_error = f"broker refused the connection: {describe_reason(reason)}"
+            log.error("MQTT %s; retrying", self.last_error)
+            return
+        self.connects += 1
+        self.last_error = None
+        log.info("MQTT connected to %s:%s", self.config.host, self.config.port)
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+        if self._on_connected is not None:
+            self._on_connected()
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        self.connect_failures += 1
+        self.last_error = f"cannot reach broker {self.config.host}:{self.config.port}"
+        log.warning("MQTT %s; retrying", self.last_error)
+
+    def _handle_disconnect(self, client, userdata, flags, reason, properties) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        if self._stopping:
+            return
+        if was_connected:
+            self.last_error = f"disconnected: {describe_reason(reason)}"
+            log.warning("MQTT %s; reconnecting", self.last_error)
+        elif reason is not None and reason.is_failure:
+            # refused before CONNACK: TLS handshake (certificate), or the broker closed on us
+            self.connect_failures += 1
+            where = f"{self.config.host}:{self.config.port}"
+            hint = " (check the mqtt.tls certificates)" if self.config.tls else ""
+            self.last_error = f"connection to {where} failed: {describe_reason(reason)}{hint}"
+            log.error("MQTT %s; retrying", self.last_error)
+
+    def _handle_subscribe(self, client, userdata, mid, reasons, properties) -> None:
+        for reason in reasons:
+            if reason.is_failure:
+                self.last_error = f"subscription refused by the broker: {describe_reason(reason)}"
+                log.error(
+                    "MQTT %s (check the broker ACL for %s)", self.last_error, self._subscriptions
+                )
+
+    def _handle_publish(self, client, userdata, mid, reason, properties) -> None:
+        if self.on_publish is not None:
+            refused = bool(reason is not None and reason.is_failure)
+            self.on_publish(mid, refused, describe_reason(reason) if refused else "")
+
+    def _handle_message(self, client, userdata, message) -> None:
+        name = self.topics.command_name(message.topic)
+        if name is not None and self._on_command is not None:
+            self._on_command(name, message.payload, message.properties)
+        elif self._on_message is not None:
+            self._on_message(message.topic, message.payload)
+
+
+class Publisher:
+    """Drains the outbox through the link, in order, deleting rows only when acknowledged.
+
+    Completion is read from each message's ``MQTTMessageInfo`` on this thread; paho's callback
+    only notes MQTT 5 refusals (an ACL denial), so no lock is shared with paho's threads.
+    """
+
+    def __init__(
+        self, outbox: Outbox, link: MqttLink, window: int, ack_timeout_s: float = 60.0
+    ) -> None:
+        self.outbox = outbox
+        self.link = link
+        self.window = window
+        self.ack_timeout_s = ack_timeout_s
+        self.published = 0
+        self.refused = 0
+        self.last_refusal: str | None = None
+        self._inflight: list[tuple[int, paho.MQTTMessageInfo, float]] = []  # row id, info, sent at
+        self._refusals: dict[int, tuple[str, float]] = {}  # mid -> (reason, when)
+        self._refusals_lock = threading.Lock()
+        self._last_sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
+        link.on_publish = self._note_refusal
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, flush_timeout: float = 0.0) -> bool:
+        """Stop; first wait up to ``flush_timeout`` for the outbox to empty. True if it did."""
+        deadline = time.monotonic() + flush_timeout
+        self.outbox.flush(flush_timeout)  # messages still on their way into the outbox count too
+        while len(self.outbox) and time.monotonic() < deadline and self.link.connected.is_set():
+            time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        return len(self.outbox) == 0
+
+    def _note_refusal(self, mid: int, refused: bool, reason: str) -> None:
+        if refused:
+            with self._refusals_lock:
+                self._refusals[mid] = (reason, time.monotonic())
+
+    def _collect_acks(self) -> None:
+        done: list[int] = []
+        while self._inflight and self._inflight[0][1].is_published():
+            row, info, _ = self._inflight.pop(0)
+            done.append(row)
+            with self._refusals_lock:
+                refusal = self._refusals.pop(info.mid, None)
+            if refusal is not None:
+                # an ACL refusal is final: retrying would block everything behind it
+                self.refused += 1
+                self.last_refusal = f"broker refused a publish: {refusal[0]}"
+                log.error("MQTT %s; message dropped", self.last_refusal)
+            else:
+                self.published += 1
+        self.outbox.ack(*done)
+        with self._refusals_lock:
+            cutoff = time.monotonic() - 30.0
+            for mid in [m for m, (_, when) in self._refusals.items() if when < cutoff]:
+                del self._refusals[mid]
+
+    def _resend_if_stuck(self) -> None:
+        if self._inflight and time.monotonic() - self._inflight[0][2] > self.ack_timeout_s:
+            first_row = self._inflight[0][0]
+            log.warning(
+                "no PUBACK for %.0f s; sending again from outbox row %d",
+                self.ack_timeout_s,
+                first_row,
+            )
+            self._inflight.clear()
+            self._last_sent = first_row - 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.link.connected.wait(0.2):
+                continue
+            self._collect_acks()
+            self._resend_if_stuck()
+            room = self.window - len(self._inflight)
+            if room <= 0:
+                time.sleep(0.002)
+                continue
+            batch = self.outbox.peek(self._last_sent, room)
+            if not batch:
+                self.outbox.wait_newer(self._last_sent, 0.01 if self._inflight else 0.2)
+                continue
+            for message in batch:
+                info = self.link.publish_info(
+                    message.topic, message.payload, message.qos, message.retain
+                )
+                if info is None:
+                    break  # disconnected meanwhile; the row stays for later
+                self._last_sent = message.id
+                if message.qos == 0:
+                    self.outbox.ack(message.id)
+                else:
+                    self._inflight.append((message.id, info, time.monotonic()))

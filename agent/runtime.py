@@ -1,0 +1,467 @@
+"""The agent as a whole: the detection loop plus its MQTT link, outbox, telemetry and commands.
+
+Start-up order: model, source, sinks, link (connects in the background), loop. Shutdown runs the
+other way: stop capture and drain frames in flight, flush the outbox for a bounded time, publish
+``stopped``, disconnect. Nothing here blocks the loop: the MQTT sink only appends to the outbox.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import cv2
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent import __version__
+from agent.backends import load_backend
+from agent.config import AgentConfig, ConfigError
+from agent.messages import TELEMETRY, encode, event, model_ref, status
+from agent.outbox import Outbox
+from agent.pipeline import ActiveModel, Pipeline
+from agent.postprocess import resolve_classes
+from agent.probes import SystemProbes
+from agent.sinks import FrameResult, build_sinks
+from agent.sources import open_source
+
+log = logging.getLogger(__name__)
+
+
+class Events:
+    """Warnings and escalations: logged always, published on ``events`` when MQTT is on."""
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.publish: Any = None  # set to a callable(payload dict) once the link exists
+        self.count = 0
+
+    def emit(self, kind: str, message: str, level: str = "warning", **details: Any) -> None:
+        self.count += 1
+        getattr(log, "error" if level == "error" else "warning" if level == "warning" else "info")(
+            "event %s: %s", kind, message
+        )
+        if self.publish is not None:
+            self.publish(event(kind, message, level, self.device_id, details))
+
+
+class MqttSink:
+    """Detections into the outbox; the publisher thread takes them from there."""
+
+    def __init__(self, outbox: Outbox, topic: str, qos: int, device_id: str, session: str) -> None:
+        self._outbox, self._topic, self._qos = outbox, topic, qos
+        self._device_id, self._session = device_id, session
+
+    def emit(self, result: FrameResult) -> None:
+        record = result.to_dict()
+        record["device_id"] = self._device_id
+        record["session"] = self._session
+        record["capture_to_publish_ms"] = round(
+            (time.monotonic() - result.frame.captured) * 1000, 3
+        )
+        self._outbox.submit(self._topic, encode(record), self._qos)
+
+    def close(self) -> None:
+        pass
+
+
+class ThresholdArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    confidence: float | None = Field(None, ge=0.0, le=1.0)
+    iou: float | None = Field(None, ge=0.0, le=1.0)
+    max_detections: int | None = Field(None, ge=1, le=10_000)
+    classes: list[int | str] | None = Field(None, max_length=1000)
+    all_classes: bool = Field(False, description="Clear the class allow-list.")
+
+
+class SnapshotArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    quality: int = Field(80, ge=1, le=100)
+    max_width: int | None = Field(None, ge=32, le=8192)
+
+
+class NoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def annotate(result: FrameResult) -> Any:
+    image = result.frame.image.copy()
+    for d in result.detections:
+        x1, y1, x2, y2 = (round(v) for v in d.box)
+        cv2.rectangle(image, (x1, y1), (x2, y2), (0, 200, 255), 2)
+        cv2.putText(
+            image,
+            f"{d.label} {d.score:.2f}",
+            (x1, max(12, y1 - 4)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.5,
+            (0, 200, 255),
+            1,
+            cv2.LINE_AA,
+        )
+    return image
+
+
+def seen_template(label: str) -> str:
+    """A Jinja template that is ON when ``label`` is among a detections message's labels."""
+    quoted = label.replace("'", "")
+    match = f"selectattr('label', 'equalto', '{quoted}') | list | count > 0"
+    return "{{ 'ON' if value_json.detections | " + match + " else 'OFF' }}"
+
+
+def home_assistant_configs(config: AgentConfig, topics: Any) -> list[tuple[str, dict[str, Any]]]:
+    """MQTT discovery: a binary sensor per watched class, sensors for fps and inference time."""
+    ha = config.mqtt.home_assistant
+    device_id = config.device_id
+    device = {
+        "identifiers": [f"edge-agent-{device_id}"],
+        "name": f"edge-agent {device_id}",
+        "sw_version": __version__,
+        "manufacturer": "edge-agent",
+    }
+    availability = {
+        "availability_topic": topics.status,
+        "availability_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
+    }
+    configs = []
+    for label in ha.classes:
+        slug = "".join(c if c.isalnum() else "_" for c in label)
+        configs.append(
+            (
+                f"{ha.discovery_prefix}/binary_sensor/{device_id}/{slug}/config",
+                {
+                    "name": f"{label} detected",
+                    "unique_id": f"edge-agent-{device_id}-{slug}",
+                    "state_topic": topics.detections,
+                    "value_template": seen_template(label),
+                    "off_delay": ha.off_delay_s,
+                    "device_class": "occupancy",
+                    "device": device,
+                    **availability,
+                },
+            )
+        )
+    for key, name, unit in (
+        ("fps_out", "detection fps", "fps"),
+        ("inference_ms", "inference time", "ms"),
+    ):
+        configs.append(
+            (
+                f"{ha.discovery_prefix}/sensor/{device_id}/{key}/config",
+                {
+                    "name": name,
+                    "unique_id": f"edge-agent-{device_id}-{key}",
+                    "state_topic": topics.telemetry,
+                    "value_template": f"{{{{ value_json.{key} }}}}",
+                    "unit_of_measurement": unit,
+                    "state_class": "measurement",
+                    "device": device,
+                    **availability,
+                },
+            )
+        )
+    return configs
+
+
+class Agent:
+    def __init__(
+        self, config: AgentConfig, max_frames: int | None = None, backend: Any = None
+    ) -> None:
+        """``backend``: an already loaded backend to use instead of loading ``config.model``."""
+        self.config = config
+        self.session = uuid.uuid4().hex[:12]
+        self.started = time.monotonic()
+        self.events = Events(config.device_id)
+        options = config.model
+        if options.engine_cache_dir is None:
+            options = options.model_copy(update={"engine_cache_dir": config.state_dir / "engines"})
+        self.backend = backend or load_backend(options.backend, options.path, options)
+        try:
+            resolve_classes(config.detection.classes, self.backend.info.class_names)
+        except ValueError as exc:
+            raise ConfigError(f"detection.classes: {exc}") from None
+        log.info("model loaded: %s", self.backend.info.summary())
+        self.model = ActiveModel(self.backend)
+        self.source = open_source(config.source)
+        self.sinks = build_sinks(config.sinks)
+        self.outbox: Outbox | None = None
+        self.link: Any = None
+        self.publisher: Any = None
+        self.commands: Any = None
+        if config.mqtt.enabled:
+            self._setup_mqtt()
+        self.pipeline = Pipeline(
+            self.source,
+            self.model,
+            self.sinks,
+            config.detection,
+            config.pipeline,
+            emit_empty=config.sinks.every_frame,
+            max_frames=max_frames,
+        )
+        self.probes = SystemProbes()
+        self._stop = threading.Event()
+        self._housekeeping = threading.Thread(target=self._housekeep, name="telemetry", daemon=True)
+        self._last_counts: dict[str, int] = {}
+        self._last_frames = (time.monotonic(), 0, 0)
+
+    # -- MQTT ------------------------------------------------------------------------------------
+    def _setup_mqtt(self) -> None:
+        from agent.commands import CommandRouter
+        from agent.mqtt import MqttLink, Publisher
+
+        config = self.config
+        self.outbox = Outbox(
+            config.outbox.path or config.state_dir / "outbox.sqlite",
+            config.outbox.max_messages,
+            config.outbox.max_bytes,
+            config.outbox.max_age_s,
+        )
+        will = encode(status("offline", config.device_id, self.session, self.backend.info))
+        self.commands = CommandRouter(self._reply, config.mqtt.max_command_bytes)
+        self.commands.register("ping", NoArgs, self._cmd_ping)
+        self.commands.register("config/thresholds", ThresholdArgs, self._cmd_thresholds)
+        self.commands.register("snapshot", SnapshotArgs, self._cmd_snapshot)
+        self.link = MqttLink(
+            config.mqtt,
+            config.device_id,
+            will,
+            on_command=self.commands.submit,
+            on_connected=self._on_connected,
+        )
+        self.publisher = Publisher(self.outbox, self.link, config.mqtt.inflight)
+        topics = self.link.topics
+        self.sinks.append(
+            MqttSink(
+                self.outbox,
+                topics.detections,
+                config.mqtt.qos_detections,
+                config.device_id,
+                self.session,
+            )
+        )
+        self.events.publish = lambda payload: self.outbox.put(
+            topics.events, encode(payload), config.mqtt.qos_events
+        )
+
+    def _on_connected(self) -> None:
+        """On every (re)connect: retained status, model and discovery configs."""
+        topics = self.link.topics
+        info = self.model().info
+        self.link.publish(
+            topics.status,
+            encode(status("online", self.config.device_id, self.session, info)),
+            qos=1,
+            retain=True,
+        )
+        self.link.publish(topics.model, encode(self.model_message()), qos=1, retain=True)
+        if self.config.mqtt.home_assistant.enabled:
+            for topic, payload in home_assistant_configs(self.config, topics):
+                self.link.publish(topic, encode(payload), qos=1, retain=True)
+
+    def model_message(self) -> dict[str, Any]:
+        info = self.model().info
+        return {
+            "schema": "edge-agent/model/v1",
+            "device_id": self.config.device_id,
+            "active": {**info.summary(), "classes": info.num_classes},
+            "timestamp": round(time.time(), 3),
+        }
+
+    def _reply(self, name: str, payload: dict[str, Any]) -> None:
+        if self.link is not None:
+            self.link.publish(self.link.topics.command_result(name[:200]), encode(payload), qos=1)
+
+    def _cmd_ping(self, _: NoArgs) -> dict[str, Any]:
+        return {
+            "pong": True,
+            "agent_version": __version__,
+            "session": self.session,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "model": model_ref(self.model().info),
+        }
+
+    def _cmd_thresholds(self, args: ThresholdArgs) -> dict[str, Any]:
+        from agent.commands import CommandError
+
+        changes = args.model_dump(exclude_none=True, exclude={"all_classes"})
+        if args.all_classes:
+            changes["classes"] = None
+        if "classes" in changes and changes["classes"] is not None:
+            try:
+                resolve_classes(changes["classes"], self.model().info.class_names)
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+        if changes:
+            updated = self.pipeline.set_thresholds(**changes)
+            self.events.emit(
+                "thresholds_changed",
+                f"thresholds now {updated.model_dump()}",
+                "info",
+                **updated.model_dump(),
+            )
+        return self.pipeline.detection.model_dump()
+
+    def _cmd_snapshot(self, args: SnapshotArgs) -> dict[str, Any]:
+        from agent.commands import CommandError
+
+        result = self.pipeline.last_result
+        if result is None:
+            raise CommandError("no frame has been processed yet")
+        image = annotate(result)
+        if args.max_width and image.shape[1] > args.max_width:
+            scale = args.max_width / image.shape[1]
+            image = cv2.resize(
+                image, (args.max_width, round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA
+            )
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, args.quality])
+        if not ok:
+            raise CommandError("JPEG encoding failed")
+        return {
+            "frame_id": result.frame.frame_id,
+            "timestamp": round(result.frame.timestamp, 6),
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "detections": [d.to_dict() for d in result.detections],
+            "jpeg_base64": base64.b64encode(jpeg.tobytes()).decode("ascii"),
+        }
+
+    # -- telemetry and housekeeping ---------------------------------------------------------------
+    def telemetry_message(self) -> dict[str, Any]:
+        snap = self.pipeline.stats.snapshot()
+        now = time.monotonic()
+        last_t, last_in, last_out = self._last_frames
+        span = max(now - last_t, 1e-6)
+        self._last_frames = (now, snap["frames_in"], snap["frames_out"])
+        message: dict[str, Any] = {
+            "schema": TELEMETRY,
+            "device_id": self.config.device_id,
+            "session": self.session,
+            "timestamp": round(time.time(), 3),
+            "uptime_s": round(now - self.started, 3),
+            "model": model_ref(self.model().info),
+            "fps_in": round((snap["frames_in"] - last_in) / span, 2),
+            "fps_out": round((snap["frames_out"] - last_out) / span, 2),
+            "frames": {
+                k: snap[k] for k in ("frames_in", "frames_out", "dropped", "late", "errors")
+            },
+            "latency_ms": snap["latency_ms"],
+            "inference_ms": snap["latency_ms"]["inference"]["p50"],
+            "source": {"name": self.source.name, **self.source.stats.as_dict()},
+            **self.probes.read(),
+        }
+        if self.outbox is not None:
+            message["outbox"] = self.outbox.counters()
+        if self.link is not None:
+            message["mqtt"] = {
+                "connected": self.link.connected.is_set(),
+                "connects": self.link.connects,
+                "connect_failures": self.link.connect_failures,
+                "published": self.publisher.published,
+                "refused": self.publisher.refused,
+            }
+        return message
+
+    def _watch_counters(self) -> None:
+        """Turn counter increases into events (reconnects, drops, refusals, errors)."""
+        watched = {
+            "source_reconnects": (self.source.stats.reconnects, "source lost, reconnecting"),
+            "source_stalls": (self.source.stats.stalls, "source stalled"),
+            "pipeline_errors": (self.pipeline.stats.errors, "frames failed in the pipeline"),
+        }
+        if self.outbox is not None:
+            counters = self.outbox.counters()
+            watched["outbox_dropped"] = (
+                counters["dropped_overflow"] + counters["dropped_expired"],
+                "outbox full or expired: oldest dropped",
+            )
+        if self.publisher is not None:
+            watched["publish_refused"] = (self.publisher.refused, "broker refused publishes")
+        for kind, (value, message) in watched.items():
+            before = self._last_counts.get(kind)
+            self._last_counts[kind] = value
+            if before is not None and value > before:
+                detail = self.source.stats.last_error if kind.startswith("source") else None
+                if kind == "publish_refused":
+                    detail = self.publisher.last_refusal
+                self.events.emit(
+                    kind,
+                    f"{message} (+{value - before}, total {value})",
+                    "warning",
+                    total=value,
+                    new=value - before,
+                    last_error=detail,
+                )
+
+    def _housekeep(self) -> None:
+        interval = self.config.mqtt.telemetry_interval_s
+        next_telemetry = time.monotonic() + interval
+        next_expiry = time.monotonic()
+        self._watch_counters()  # baseline
+        while not self._stop.wait(min(1.0, interval)):
+            self._watch_counters()
+            now = time.monotonic()
+            if self.outbox is not None and now >= next_expiry:
+                self.outbox.expire()
+                next_expiry = now + 60
+            if self.link is not None and now >= next_telemetry:
+                next_telemetry = now + interval
+                self.link.publish(
+                    self.link.topics.telemetry,
+                    encode(self.telemetry_message()),
+                    qos=self.config.mqtt.qos_telemetry,
+                )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.link is not None:
+            self.commands.start()
+            self.publisher.start()
+            self.link.start()
+        self.pipeline.start()
+        self._housekeeping.start()
+        self.events.emit(
+            "started",
+            f"edge-agent {__version__} started",
+            "info",
+            session=self.session,
+            model=model_ref(self.backend.info),
+        )
+
+    def stop(self) -> None:
+        self.pipeline.stop()
+
+    def run(self) -> None:
+        """Run until the source ends or ``stop()``; then shut down in order."""
+        self.start()
+        try:
+            self.pipeline.wait()
+        finally:
+            self.shutdown()
+        log.info("%s", self.pipeline.summary_line())
+        if self.pipeline.error is not None:
+            raise self.pipeline.error
+
+    def shutdown(self, flush_timeout: float = 5.0) -> None:
+        self.pipeline.stop()
+        self.pipeline.wait(timeout=10.0)
+        self._stop.set()
+        self._housekeeping.join(timeout=2.0)
+        self.source.close()
+        for sink in self.sinks:
+            sink.close()
+        if self.link is not None:
+            flushed = self.publisher.stop(flush_timeout)
+            if not flushed:
+                log.warning("%d message(s) left in the outbox for the next start", len(self.outbox))
+            self.commands.stop()
+            final = encode(
+                status("stopped", self.config.device_id, self.session, self.model().info)
+            )
+            self.link.stop(final)
+            self.outbox.close()
+        self.probes.close()
+        self.backend.close()

@@ -1,0 +1,39 @@
+"""Validate published payloads against the JSON Schema files in agent/schemas/."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+from referencing import Registry, Resource
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "agent" / "schemas"
+BY_LEAF = {
+    "status": "status",
+    "detections": "detections",
+    "telemetry": "telemetry",
+    "events": "event",
+    "model": "model",
+}
+
+
+@cache
+def registry() -> Registry:
+    resources = []
+    for path in SCHEMAS.glob("*.schema.json"):
+        schema = json.loads(path.read_text())
+        resources.append((path.name, Resource.from_contents(schema)))
+        resources.append((schema["$id"], Resource.from_contents(schema)))
+    return Registry().with_resources(resources)
+
+
+def schema_for(topic: str) -> dict:
+    leaf = "command-result" if topic.endswith("/result") else BY_LEAF[topic.split("/", 2)[2]]
+    return json.loads((SCHEMAS / f"{leaf}.schema.json").read_text())
+
+
+def validate(topic: str, payload: dict) -> None:
+    schema = schema_for(topic)
+    jsonschema.Draft202012Validator(schema, registry=registry()).validate(payload)
