@@ -1,0 +1,89 @@
+"""The golden self-test a device runs on a new model before it goes live.
+
+A golden set (recorded by ``edge-models golden``) holds a few small JPEGs and the detections the
+model gave on exactly those pixels when it was published. The device decodes the same bytes, runs
+its own backend, and expects the same objects back: same classes, boxes overlapping (IoU >= 0.5),
+scores close. A model whose scores collapsed, or that was swapped or corrupted, fails here.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.backends.base import Backend
+from agent.postprocess import Detection, DetectionParams, decode
+from agent.preprocess import Preprocessor
+
+GOLDEN_SCHEMA = "edge-agent/golden/v1"
+
+
+@dataclass
+class SelfTestResult:
+    passed: bool
+    recall: float
+    reasons: list[str] = field(default_factory=list)
+
+
+def _iou(a: Any, b: Any) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def decode_image(entry: dict[str, Any]) -> np.ndarray:
+    data = np.frombuffer(base64.b64decode(entry["jpeg_base64"]), np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"golden image {entry.get('name')!r} cannot be decoded")
+    return image
+
+
+def detect(backend: Backend, image: np.ndarray, params: DetectionParams) -> list[Detection]:
+    pre = Preprocessor(backend.info.imgsz, np.dtype(backend.info.input_dtype), pool_size=1)
+    tensor, box = pre(image)
+    return decode(backend.infer(tensor), box, params, backend.info.class_names)
+
+
+def run_self_test(
+    backend: Backend, golden: dict[str, Any], min_recall: float = 0.9, score_tolerance: float = 0.1
+) -> SelfTestResult:
+    """Check ``backend`` against a golden set; never raises for a bad model, only fails."""
+    if golden.get("schema") != GOLDEN_SCHEMA or not golden.get("images"):
+        return SelfTestResult(False, 0.0, ["golden set is missing or malformed"])
+    settings = golden.get("params", {})
+    params = DetectionParams(settings.get("confidence", 0.25), settings.get("iou", 0.45))
+    expected_total = matched = 0
+    reasons: list[str] = []
+    for entry in golden["images"]:
+        try:
+            found = detect(backend, decode_image(entry), params)
+        except Exception as exc:  # a crashing model fails the test, it does not crash the agent
+            return SelfTestResult(False, 0.0, [f"inference failed on {entry.get('name')}: {exc}"])
+        used: set[int] = set()
+        for want in entry["detections"]:
+            expected_total += 1
+            candidates = [
+                (i, _iou(want["box"], d.box))
+                for i, d in enumerate(found)
+                if i not in used
+                and d.class_id == want["class_id"]
+                and abs(d.score - want["score"]) <= score_tolerance
+            ]
+            best = max(candidates, key=lambda c: c[1], default=(-1, 0.0))
+            if best[1] >= 0.5:
+                used.add(best[0])
+                matched += 1
+    recall = matched / expected_total if expected_total else 1.0
+    if recall < min_recall:
+        reasons.append(
+            f"golden self-test recall {recall:.2f} < {min_recall:.2f}: "
+            f"{expected_total - matched} of {expected_total} reference detections not reproduced"
+        )
+    return SelfTestResult(not reasons, recall, reasons)

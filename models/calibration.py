@@ -1,0 +1,82 @@
+"""Calibration images: read from a folder through the agent's letterbox, or synthesised.
+
+Calibration must not use evaluation images. With only a few photos at hand, ``synthesise``
+multiplies them into varied frames (crops at several scales, mirror images, exposure changes),
+the way a camera sees the same scene at different framings and light.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.preprocess import Preprocessor
+from agent.sources import IMAGE_SUFFIXES
+from models.errors import FactoryError
+
+log = logging.getLogger(__name__)
+
+
+def calibration_images(folder: Path) -> list[Path]:
+    """Every image in ``folder`` (recursively), checked to decode.
+
+    Raises:
+        FactoryError: the folder is missing, empty, or holds an unreadable image.
+    """
+    if not folder.is_dir():
+        raise FactoryError(f"calibration folder not found: {folder}")
+    paths = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not paths:
+        raise FactoryError(
+            f"calibration folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    unreadable = [p for p in paths if cv2.imread(str(p), cv2.IMREAD_REDUCED_COLOR_8) is None]
+    if unreadable:
+        names = ", ".join(str(p) for p in unreadable[:5])
+        raise FactoryError(f"{len(unreadable)} calibration image(s) cannot be decoded: {names}")
+    return paths
+
+
+def tensors(paths: Sequence[Path], input_hw: tuple[int, int]) -> Iterator[dict[str, np.ndarray]]:
+    """Model inputs exactly as the device makes them (the agent's letterbox)."""
+    pre = Preprocessor(input_hw, pool_size=1)
+    for path in paths:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        tensor, _ = pre(image, out=np.empty((1, 3, *input_hw), np.float32))
+        yield tensor
+
+
+def synthesise(
+    sources: Sequence[Path], out_dir: Path, per_image: int = 16, seed: int = 0
+) -> list[Path]:
+    """Write ``per_image`` varied frames of each source photo into ``out_dir``."""
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source in sources:
+        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+        if image is None:
+            raise FactoryError(f"cannot decode {source}")
+        height, width = image.shape[:2]
+        for i in range(per_image):
+            frame = image if i == 0 else cv2.flip(image, 1) if i == 1 else None
+            if frame is None:
+                scale = rng.uniform(0.4, 0.95)
+                cw, ch = int(width * scale), int(height * scale)
+                x, y = int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1))
+                frame = image[y : y + ch, x : x + cw]
+                if rng.random() < 0.5:
+                    frame = cv2.flip(frame, 1)
+                frame = cv2.convertScaleAbs(
+                    frame, alpha=rng.uniform(0.7, 1.3), beta=rng.uniform(-30, 30)
+                )
+            path = out_dir / f"{source.stem}-{i:03d}.jpg"
+            cv2.imwrite(str(path), frame, [cv2.IMWRITE_JPEG_QUALITY, 92])
+            written.append(path)
+    return written

@@ -1,0 +1,10 @@
+"""The model factory's user errors share the agent's base, so both CLIs report them the same way."""
+
+from agent.errors import AgentError, ModelError
+
+
+class FactoryError(AgentError):
+    """Bad input to a model-factory command (calibration set, dataset, output path...)."""
+
+
+__all__ = ["FactoryError", "ModelError"]

@@ -1,0 +1,66 @@
+"""The quality gate: may this candidate model replace the reference?
+
+Used by ``edge-models gate``, by the publisher before anything reaches a channel, and (through
+the golden set) by devices after an update. Each failed check gives a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    max_map_drop_points: float = 1.0  # mAP50-95, in points (0.01 = 1 point)
+    min_top_score_ratio: float = 0.5  # the candidate's mean best score vs the reference's
+    min_detection_ratio: float = 0.5  # detections per image at the operating thresholds
+    max_latency_ratio: float | None = 1.10  # None: do not judge latency (stored reference)
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check(
+    candidate: dict[str, Any], reference: dict[str, Any], limits: GateLimits = GateLimits()
+) -> GateResult:
+    """Compare two evaluation results (``ModelResult.to_dict()`` or a stored report entry)."""
+    reasons: list[str] = []
+    drop = (reference["map50_95"] - candidate["map50_95"]) * 100
+    checks: dict[str, Any] = {"map50_95_drop_points": round(drop, 3)}
+    if drop > limits.max_map_drop_points:
+        reasons.append(
+            f"mAP50-95 fell {drop:.2f} points "
+            f"({reference['map50_95']:.4f} -> {candidate['map50_95']:.4f}); "
+            f"the limit is {limits.max_map_drop_points:g}"
+        )
+    ref_score = reference["mean_top_score"] or 1e-9
+    score_ratio = candidate["mean_top_score"] / ref_score
+    checks["top_score_ratio"] = round(score_ratio, 4)
+    ref_dets = reference["detections_per_image"]
+    det_ratio = candidate["detections_per_image"] / ref_dets if ref_dets else 1.0
+    checks["detection_ratio"] = round(det_ratio, 4)
+    if score_ratio < limits.min_top_score_ratio or det_ratio < limits.min_detection_ratio:
+        reasons.append(
+            "detections vanished: scores collapsed towards 0 "
+            f"(mean best score {candidate['mean_top_score']:.3f} "
+            f"vs {reference['mean_top_score']:.3f}; {candidate['detections_per_image']:.2f} vs "
+            f"{ref_dets:.2f} detections per image at conf 0.25)"
+        )
+    if limits.max_latency_ratio is not None:
+        latency_ratio = candidate["latency_p50_ms"] / reference["latency_p50_ms"]
+        checks["latency_ratio"] = round(latency_ratio, 4)
+        if latency_ratio > limits.max_latency_ratio:
+            reasons.append(
+                f"latency regressed: p50 {candidate['latency_p50_ms']:.1f} ms "
+                f"vs {reference['latency_p50_ms']:.1f} ms "
+                f"({latency_ratio:.2f}x; the limit is {limits.max_latency_ratio:g}x)"
+            )
+    return GateResult(passed=not reasons, reasons=reasons, checks=checks)

@@ -1,0 +1,312 @@
+"""The model factory on the real YOLOv8n model, the real photos and coco8."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import onnx
+import pytest
+
+from agent.backends import load_backend
+from agent.config import ModelConfig
+from agent.selftest import run_self_test
+from models.calibration import synthesise
+from models.datasets import load_dataset
+from models.evaluate import evaluate
+from models.gate import GateLimits, check
+from models.golden import record_golden
+from models.quantize import QuantizeSettings, head_postprocess_nodes, quantize
+from tests import models_for_tests
+from tests.conftest import ROOT
+
+EDGE_MODELS = ["-m", "models.cli"]
+
+
+def run_models(*args: str, timeout: float = 300):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, *EDGE_MODELS, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="session")
+def calib(shared, tmp_path_factory) -> Path:
+    """Calibration frames from the two photos only: never the coco8 evaluation images."""
+    folder = tmp_path_factory.mktemp("calib")
+    synthesise(
+        [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"], folder, per_image=8
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def u8s8_model(fp32_model, calib, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("q") / "yolov8n-u8s8.onnx"
+    quantize(fp32_model, calib, out, QuantizeSettings(activations="uint8"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def collapsed_model(fp32_model, calib, tmp_path_factory) -> Path:
+    """Head quantized too: one int8 scale for the last Concat's 0..640 boxes and 0..1 scores."""
+    out = tmp_path_factory.mktemp("q") / "yolov8n-collapsed.onnx"
+    quantize(
+        fp32_model,
+        calib,
+        out,
+        QuantizeSettings(activations="uint8", keep_head_float=False),
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def coco8(shared):
+    return load_dataset(shared / "datasets" / "coco8")
+
+
+def test_quantized_model_keeps_the_head_postprocessing_in_float(u8s8_model):
+    model = onnx.load(str(u8s8_model))
+    head = set(head_postprocess_nodes(model))
+    nodes = {n.name: n for n in model.graph.node}
+    assert head and not any(
+        nodes[name].op_type in ("QuantizeLinear", "DequantizeLinear") for name in head
+    )
+    producers = {o: n for n in model.graph.node for o in n.output}
+    final = producers[model.graph.output[0].name]
+    assert final.op_type == "Concat"
+    assert all(producers[i].op_type != "DequantizeLinear" for i in final.input)
+    assert (
+        sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 50
+    )  # the body is quantized
+
+
+def test_quantized_model_carries_metadata_and_is_small(u8s8_model, fp32_model):
+    backend = load_backend("onnxruntime", u8s8_model, ModelConfig(path=u8s8_model))
+    assert backend.info.precision == "int8"
+    assert backend.info.class_names[5] == "bus" and backend.info.imgsz == (640, 640)
+    settings = json.loads(backend.info.metadata["quantization"])
+    assert settings["scheme"] == "U8S8" and settings["format"] == "QDQ"
+    assert settings["method"] == "minmax" and settings["per_channel"] is True
+    assert settings["calibration_images"] == 16
+    assert u8s8_model.stat().st_size <= 0.3 * fp32_model.stat().st_size
+    image = cv2.imread(str(ROOT.parent / "shared" / "images" / "bus.jpg"))
+    from agent.postprocess import DetectionParams
+    from agent.selftest import detect
+
+    labels = sorted(d.label for d in detect(backend, image, DetectionParams()))
+    assert labels.count("person") >= 3 and "bus" in labels
+
+
+def test_fp32_map_on_coco8_matches_the_reference(fp32_model, coco8):
+    (result,) = evaluate([fp32_model], coco8, latency_rounds=2)
+    assert result.map50_95 == pytest.approx(0.696, abs=0.001)
+    assert result.map50 == pytest.approx(0.864, abs=0.001)
+    assert result.parameters == pytest.approx(3.15e6, rel=0.01)
+
+
+def test_coco_json_datasets_give_the_same_map(fp32_model, coco8, tmp_path, shared):
+    """Written the COCO way: 1-based category ids with names; matched to the model by name."""
+    names = load_backend("onnxruntime", fp32_model, ModelConfig(path=fp32_model)).info.class_names
+    images, annotations = [], []
+    for index, sample in enumerate(coco8.samples):
+        images.append(
+            {
+                "id": index + 1,
+                "file_name": str(sample.image),
+                "width": sample.width,
+                "height": sample.height,
+            }
+        )
+        for cls, box in sample.boxes:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": cls + 1,
+                    "bbox": list(box),
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+    path = tmp_path / "instances.json"
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": i + 1, "name": n} for i, n in names.items()],
+            }
+        )
+    )
+    (result,) = evaluate([fp32_model], load_dataset(path), latency_rounds=2)
+    assert result.map50_95 == pytest.approx(0.696, abs=0.001)
+
+
+def test_evaluate_report_holds_markdown_json_and_plots(fp32_model, u8s8_model, shared, tmp_path):
+    result = run_models(
+        "evaluate",
+        "--model",
+        str(fp32_model),
+        "--model",
+        str(u8s8_model),
+        "--data",
+        str(shared / "datasets" / "coco8"),
+        "--report",
+        str(tmp_path / "r"),
+        "--rounds",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [m["scheme"] for m in report["models"]] == ["float", "U8S8"]
+    assert report["models"][1]["agreement"] > 0.7
+    assert "| yolov8n-u8s8.onnx | U8S8 |" in (tmp_path / "r" / "report.md").read_text()
+    plot = cv2.imread(str(tmp_path / "r" / "comparison.png"))
+    assert plot is not None and plot.shape[1] > 1000
+
+
+def test_gate_passes_a_good_int8_model_and_rejects_a_collapsed_one(
+    fp32_model, u8s8_model, collapsed_model, coco8
+):
+    reference, good, collapsed = (
+        r.to_dict()
+        for r in evaluate([fp32_model, u8s8_model, collapsed_model], coco8, latency_rounds=10)
+    )
+    verdict = check(good, reference)
+    assert verdict.passed, verdict.reasons
+    rejected = check(collapsed, reference, GateLimits(max_latency_ratio=None))
+    assert not rejected.passed
+    assert any("scores collapsed" in reason for reason in rejected.reasons)
+
+
+def test_gate_cli_exit_codes_and_stored_reference(fp32_model, collapsed_model, shared, tmp_path):
+    data = str(shared / "datasets" / "coco8")
+    failed = run_models(
+        "gate",
+        "--candidate",
+        str(collapsed_model),
+        "--reference",
+        str(fp32_model),
+        "--data",
+        data,
+        "--rounds",
+        "3",
+    )
+    assert failed.returncode == 3 and "detections vanished" in failed.stderr
+    stored = tmp_path / "fp32.json"
+    (ref,) = evaluate([fp32_model], load_dataset(Path(data)), latency_rounds=2)
+    stored.write_text(json.dumps(ref.to_dict()))
+    passed = run_models(
+        "gate",
+        "--candidate",
+        str(fp32_model),
+        "--reference",
+        str(stored),
+        "--data",
+        data,
+        "--rounds",
+        "2",
+    )
+    assert passed.returncode == 0 and passed.stdout.startswith("PASS")
+
+
+def test_golden_set_passes_its_own_model_and_fails_a_collapsed_one(
+    u8s8_model, collapsed_model, shared
+):
+    golden = record_golden(
+        u8s8_model, [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"]
+    )
+    assert len(json.dumps(golden)) < 200_000  # small enough to travel with the model
+    own = load_backend("onnxruntime", u8s8_model, ModelConfig(path=u8s8_model))
+    assert run_self_test(own, golden).passed
+    broken = load_backend("onnxruntime", collapsed_model, ModelConfig(path=collapsed_model))
+    result = run_self_test(broken, golden)
+    assert not result.passed and "not reproduced" in result.reasons[0]
+    assert not run_self_test(own, {"schema": "something else"}).passed
+
+
+def no_partial_files(folder: Path) -> bool:
+    return not list(folder.glob("*.partial")) and not list(folder.glob(".*.partial"))
+
+
+@pytest.mark.parametrize(
+    "problem", ["non_yolo", "empty_calib", "unreadable_image", "output_exists"]
+)
+def test_quantize_refuses_bad_input_and_leaves_nothing_behind(problem, fp32_model, calib, tmp_path):
+    model, calibration, out = fp32_model, calib, tmp_path / "int8.onnx"
+    expected = {
+        "non_yolo": "YOLOv8 detect head",
+        "empty_calib": "holds no images",
+        "unreadable_image": "cannot be decoded",
+        "output_exists": "already exists",
+    }[problem]
+    if problem == "non_yolo":
+        model = models_for_tests.classifier(tmp_path / "classifier.onnx")
+    elif problem == "empty_calib":
+        calibration = tmp_path / "empty"
+        calibration.mkdir()
+    elif problem == "unreadable_image":
+        calibration = tmp_path / "bad"
+        calibration.mkdir()
+        (calibration / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    elif problem == "output_exists":
+        out.write_bytes(b"precious")
+    result = run_models(
+        "quantize", "--model", str(model), "--calib", str(calibration), "--out", str(out), "--quiet"
+    )
+    assert result.returncode == 1, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert no_partial_files(tmp_path)
+    if problem == "output_exists":
+        assert out.read_bytes() == b"precious"
+    else:
+        assert not out.exists()
+
+
+def test_quantize_cli_defaults_to_s8s8_with_a_progress_bar(fp32_model, calib, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = run_models(
+        "quantize", "--model", str(fp32_model), "--calib", str(calib), "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "S8S8 QDQ" in result.stdout and "calibrating" in result.stderr
+    assert json.loads(onnx.load(str(out)).metadata_props[-1].value)["scheme"] == "S8S8"
+
+
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        ("no_labels", "no labels/ folder"),
+        ("empty_labels", "holds no labels"),
+        ("bad_line", "expected 'class cx cy w h'"),
+        ("missing", "dataset not found"),
+        ("bad_json", "is not a COCO json dataset"),
+    ],
+)
+def test_evaluate_refuses_datasets_without_usable_labels(
+    layout, expected, fp32_model, shared, tmp_path
+):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.jpg").write_bytes((shared / "images" / "bus.jpg").read_bytes())
+    if layout in ("empty_labels", "bad_line"):
+        (data / "labels").mkdir()
+        (data / "labels" / "a.txt").write_text(
+            "" if layout == "empty_labels" else "0 0.5 zero 0.1 0.1\n"
+        )
+    if layout == "missing":
+        data = tmp_path / "nowhere"
+    if layout == "bad_json":
+        data = tmp_path / "instances.json"
+        data.write_text('{"images": 3}')
+    result = run_models("evaluate", "--model", str(fp32_model), "--data", str(data))
+    assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr
