@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,50 @@ def _install_stop_handlers(stop: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_logging(config.log_level)
-    return run_pipeline(config, max_frames=args.frames)
+    return run_agent(config, max_frames=args.frames, config_path=args.config)
 
 
-def run_pipeline(config: AgentConfig, max_frames: int | None = None) -> int:
+def run_agent(
+    config: AgentConfig, max_frames: int | None = None, config_path: Path | None = None
+) -> int:
     from agent.runtime import Agent
 
-    agent = Agent(config, max_frames=max_frames)
+    agent = Agent(config, max_frames=max_frames, config_path=config_path)
     _install_stop_handlers(agent.stop)
-    agent.run()
+    signal.signal(
+        signal.SIGHUP, lambda *_: threading.Thread(target=agent.reload, name="reload").start()
+    )
+    return agent.run()
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from agent import service
+
+    if args.action == "install":
+        service.install(args.root, dry_run=args.dry_run, enable=not args.no_enable)
+    elif args.action == "uninstall":
+        service.uninstall(args.root, dry_run=args.dry_run, purge=args.purge)
+    else:
+        code, text = service.status()
+        print(text)
+        return code
     return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from agent.watchdog import read_health
+
+    if args.state_dir is not None:
+        state_dir = args.state_dir
+    else:
+        state_dir = (
+            load_config(args.config).state_dir
+            if args.config
+            else AgentConfig.model_fields["state_dir"].default
+        )
+    healthy, reason = read_health(Path(state_dir) / "health.json", args.max_age)
+    print(reason, file=sys.stdout if healthy else sys.stderr)
+    return EXIT_OK if healthy else EXIT_FAILURE
 
 
 def resolve_or_fail(detection: DetectionConfig, names: dict[int, str]) -> None:
@@ -333,6 +368,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=_positive_int, help="stop after this many frames")
     demo.add_argument("--json", action="store_true", help="print detections as JSON lines")
     demo.set_defaults(func=cmd_demo)
+
+    svc = sub.add_parser("service", help="install, uninstall or inspect the systemd service")
+    svc.add_argument("action", choices=["install", "uninstall", "status"])
+    svc.add_argument("--dry-run", action="store_true", help="print every step instead of doing it")
+    svc.add_argument(
+        "--root", type=Path, default=Path("/"), help="install into this folder (packaging)"
+    )
+    svc.add_argument(
+        "--no-enable", action="store_true", help="install without enabling and starting"
+    )
+    svc.add_argument(
+        "--purge", action="store_true", help="uninstall: also remove config, state and user"
+    )
+    svc.set_defaults(func=cmd_service)
+
+    health = sub.add_parser(
+        "health", help="exit 0 if the running agent is healthy, else 1 with the reason"
+    )
+    health.add_argument("-c", "--config", type=Path, help="config file (for its state_dir)")
+    health.add_argument(
+        "--state-dir", type=Path, help="state directory (default /var/lib/edge-agent)"
+    )
+    health.add_argument(
+        "--max-age", type=float, default=10.0, help="seconds before a heartbeat is stale"
+    )
+    health.set_defaults(func=cmd_health)
 
     config = sub.add_parser("config", help="check or show configuration")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

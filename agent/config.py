@@ -213,6 +213,54 @@ class OutboxConfig(StrictModel):
     max_age_s: float = Field(7 * 24 * 3600.0, gt=0)
 
 
+LadderStep = Literal["restart_source", "reload_backend", "previous_model", "exit"]
+
+
+class WatchdogConfig(StrictModel):
+    """Deadlines, the escalation ladder and the restart-loop guard."""
+
+    enabled: bool = True
+    check_interval_s: float = Field(0.5, gt=0)
+    inference_timeout_s: float = Field(
+        10.0, gt=0, description="One inference longer than this is hung."
+    )
+    cancel_grace_s: float = Field(
+        2.0, gt=0, description="After a cancel, abandon the run if still busy."
+    )
+    stage_timeout_s: float = Field(
+        10.0, gt=0, description="Preprocess/postprocess on one frame longer: hung."
+    )
+    source_stall_s: float | None = Field(
+        None,
+        gt=0,
+        description="No frame for this long restarts the source (default: 2 x stall_timeout_s).",
+    )
+    min_fps_ratio: float = Field(
+        0.2, ge=0, le=1, description="Live fps below this x nominal is a fault."
+    )
+    fps_window_s: float = Field(30.0, gt=0, description="... when it lasts this long.")
+    failure_streak: int = Field(
+        5, ge=1, description="Inferences failing in a row before escalating."
+    )
+    verify_s: float = Field(
+        5.0, gt=0, description="Time a step gets to fix the fault before the next."
+    )
+    ladder: list[LadderStep] = Field(
+        default_factory=lambda: ["restart_source", "reload_backend", "previous_model", "exit"]
+    )
+    max_restarts: int = Field(
+        3, ge=1, description="Each step at most this often per restart_window_s."
+    )
+    restart_window_s: float = Field(600.0, gt=0)
+    backoff_s: float = Field(
+        30.0, ge=0, description="Wait after the guard trips, before the next step."
+    )
+    exit_code: int = Field(
+        70, ge=1, le=255, description="Exit status of the last step (EX_SOFTWARE)."
+    )
+    health_file_interval_s: float = Field(1.0, gt=0)
+
+
 class AgentConfig(StrictModel):
     device_id: str = Field(default_factory=socket.gethostname, min_length=1)
     state_dir: Path = Path("/var/lib/edge-agent")
@@ -224,6 +272,7 @@ class AgentConfig(StrictModel):
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
 
 def describe_validation_error(error: ValidationError, origin: str) -> str:

@@ -49,6 +49,7 @@ class ActiveModel:
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
+        self.previous: Backend | None = None
         self._lock = threading.Lock()
 
     def __call__(self) -> Backend:
@@ -57,6 +58,7 @@ class ActiveModel:
     def swap(self, backend: Backend) -> Backend:
         with self._lock:
             previous, self._backend = self._backend, backend
+            self.previous = previous
         return previous
 
 
@@ -132,6 +134,12 @@ class Pipeline:
         self._to_infer = StageQueue(config.queue_size, self._stop)
         self._to_postprocess = StageQueue(config.queue_size, self._stop)
         self._threads: list[threading.Thread] = []
+        # watchdog view: when each stage started its current item (None: waiting for work)
+        self.busy_since: dict[str, float | None] = dict.fromkeys(
+            ("capture", "preprocess", "inference", "postprocess"), None
+        )
+        self._inference_generation = 0
+        self.abandoned_workers = 0
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,12 +148,36 @@ class Pipeline:
         for name, target in (
             ("capture", self._capture_loop),
             ("preprocess", self._preprocess_loop),
-            ("inference", self._inference_loop),
             ("postprocess", self._postprocess_loop),
         ):
             thread = threading.Thread(target=self._guard(name, target), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._start_inference_worker()
+
+    def _start_inference_worker(self) -> None:
+        generation = self._inference_generation
+        thread = threading.Thread(
+            target=self._guard("inference", lambda: self._inference_loop(generation)),
+            name=f"inference-{generation}",
+            daemon=True,
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def replace_inference_worker(self) -> None:
+        """Abandon the current inference thread (stuck in a call that cannot be interrupted) and
+        start a fresh one on the same queue. The stuck one exits whenever its call returns."""
+        self._inference_generation += 1
+        self.abandoned_workers += 1
+        self.busy_since["inference"] = None
+        self._start_inference_worker()
+
+    def replace_source(self, source: FrameSource) -> FrameSource:
+        """Swap in a reopened source; the capture loop reads from it from its next frame on."""
+        previous, self.source = self.source, source
+        self.busy_since["capture"] = None
+        return previous
 
     def stop(self) -> None:
         """Stop capturing; frames already in flight still finish."""
@@ -208,16 +240,18 @@ class Pipeline:
         return run
 
     def _capture_loop(self) -> None:
-        source = self.source
         try:
             while not self._stop.is_set():
                 if self.max_frames is not None and self.stats.frames_in >= self.max_frames:
                     break
+                source = self.source  # the watchdog may have replaced it
                 started = time.perf_counter()
                 try:
                     frame = source.read(timeout=0.5)
                 except TimeoutError:
                     continue
+                if source is not self.source:
+                    continue  # a frame from the source that was just replaced
                 if frame is None:
                     break
                 self.stats.count("frames_in")
@@ -253,18 +287,21 @@ class Pipeline:
             model = self.model()
             pre = self._preprocessor_for(model)
             started = time.perf_counter()
+            self.busy_since["preprocess"] = time.monotonic()
             try:
                 tensor, box = pre(frame.image)
             except ValueError as exc:
                 log.warning("frame %d skipped: %s", frame.frame_id, exc)
                 self.stats.count("errors")
                 continue
+            finally:
+                self.busy_since["preprocess"] = None
             elapsed = (time.perf_counter() - started) * 1000
             self.stats.latency["preprocess"].add(elapsed)
             self._to_infer.put(Job(frame, model, pre, tensor, box, {"preprocess": elapsed}))
         self._to_infer.put(_END)
 
-    def _inference_loop(self) -> None:
+    def _inference_loop(self, generation: int = 0) -> None:
         while (job := self._to_infer.get()) is not _END:
             try:
                 age_ms = (time.monotonic() - job.frame.captured) * 1000
@@ -273,15 +310,26 @@ class Pipeline:
                     self.stats.count("dropped")
                     continue
                 started = time.perf_counter()
+                self.busy_since["inference"] = time.monotonic()
                 try:
                     job.output = job.model.infer(job.tensor)
                 except Exception as exc:
+                    if generation != self._inference_generation:
+                        return  # abandoned (cancelled) worker: its successor carries on
                     log.warning("inference failed on frame %d: %s", job.frame.frame_id, exc)
                     self.stats.count("errors")
+                    self.stats.count("inference_failures")
                     continue
+                finally:
+                    if generation == self._inference_generation:
+                        self.busy_since["inference"] = None
                 elapsed = (time.perf_counter() - started) * 1000
             finally:
                 job.preprocessor.pool.release(job.tensor)
+            if generation != self._inference_generation:
+                self.stats.count("dropped")  # finished after it was given up on: discard
+                return
+            self.stats.inference_failures = 0  # a success ends a failure streak
             self.stats.latency["inference"].add(elapsed)
             job.latency_ms["inference"] = elapsed
             self._to_postprocess.put(job)
@@ -309,6 +357,13 @@ class Pipeline:
             self._done.set()
 
     def _finish(self, job: Job) -> None:
+        self.busy_since["postprocess"] = time.monotonic()
+        try:
+            self._finish_job(job)
+        finally:
+            self.busy_since["postprocess"] = None
+
+    def _finish_job(self, job: Job) -> None:
         started = time.perf_counter()
         try:
             detections = decode(

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -19,16 +21,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__
 from agent.backends import load_backend
-from agent.config import AgentConfig, ConfigError
+from agent.config import AgentConfig, ConfigError, MqttConfig, load_config
 from agent.messages import TELEMETRY, encode, event, model_ref, status
+from agent.notify import Notifier
 from agent.outbox import Outbox
 from agent.pipeline import ActiveModel, Pipeline
 from agent.postprocess import resolve_classes
 from agent.probes import SystemProbes
 from agent.sinks import FrameResult, build_sinks
 from agent.sources import open_source
+from agent.watchdog import Supervisor
 
 log = logging.getLogger(__name__)
+
+
+def _only_telemetry_changed(old: MqttConfig, new: MqttConfig) -> bool:
+    return old.model_copy(update={"telemetry_interval_s": new.telemetry_interval_s}) == new
 
 
 class Events:
@@ -168,17 +176,33 @@ def home_assistant_configs(config: AgentConfig, topics: Any) -> list[tuple[str, 
 
 class Agent:
     def __init__(
-        self, config: AgentConfig, max_frames: int | None = None, backend: Any = None
+        self,
+        config: AgentConfig,
+        max_frames: int | None = None,
+        backend: Any = None,
+        config_path: Path | None = None,
     ) -> None:
-        """``backend``: an already loaded backend to use instead of loading ``config.model``."""
+        """``backend``: an already loaded backend to use instead of loading ``config.model``;
+        ``config_path``: the file SIGHUP re-reads."""
         self.config = config
+        self.config_path = config_path
         self.session = uuid.uuid4().hex[:12]
         self.started = time.monotonic()
         self.events = Events(config.device_id)
-        options = config.model
-        if options.engine_cache_dir is None:
-            options = options.model_copy(update={"engine_cache_dir": config.state_dir / "engines"})
-        self.backend = backend or load_backend(options.backend, options.path, options)
+        self.notifier = Notifier()
+        self.exit_code = 0
+        self._hard_exit: threading.Timer | None = None
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir {config.state_dir} cannot be created: {exc}") from None
+        self.model_options = config.model
+        if self.model_options.engine_cache_dir is None:
+            self.model_options = self.model_options.model_copy(
+                update={"engine_cache_dir": config.state_dir / "engines"}
+            )
+        self.notifier.extend_timeout(300)  # loading may build a TensorRT engine: minutes
+        self.backend = backend or self._load_backend()
         try:
             resolve_classes(config.detection.classes, self.backend.info.class_names)
         except ValueError as exc:
@@ -203,10 +227,114 @@ class Agent:
             max_frames=max_frames,
         )
         self.probes = SystemProbes()
+        self.supervisor: Supervisor | None = None
+        if config.watchdog.enabled:
+            self.supervisor = Supervisor(
+                config.watchdog,
+                self.pipeline,
+                {
+                    "restart_source": self._restart_source,
+                    "reload_backend": self._reload_backend,
+                    "previous_model": self._previous_model,
+                    "exit": self._exit_for_restart,
+                },
+                self.events.emit,
+                self.notifier,
+                config.state_dir / "health.json",
+                self.status_text,
+                config.source.stall_timeout_s,
+            )
         self._stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="telemetry", daemon=True)
         self._last_counts: dict[str, int] = {}
         self._last_frames = (time.monotonic(), 0, 0)
+
+    def _load_backend(self) -> Any:
+        options = self.model_options
+        return load_backend(options.backend, options.path, options)
+
+    def status_text(self) -> str:
+        fps = self.pipeline.stats.throughput_fps()
+        info = self.model().info
+        return f"fps {fps or 0:.1f}, model {info.model_name} {info.model_version}"
+
+    # -- the watchdog's ladder ---------------------------------------------------------------------
+    def _restart_source(self) -> str | None:
+        if not self.pipeline.source.live:
+            return None  # a file does not stall; nothing to reopen
+        fresh = open_source(self.config.source)
+        old = self.pipeline.replace_source(fresh)
+        threading.Thread(target=old.close, name="close-old-source", daemon=True).start()
+        return f"source {fresh.name} reopened"
+
+    def _take_over_inference(self, backend: Any) -> None:
+        self.model.swap(backend)
+        if self.pipeline.busy_since.get("inference") is not None:
+            self.pipeline.replace_inference_worker()
+        self.pipeline.stats.inference_failures = 0
+
+    def _reload_backend(self) -> str | None:
+        self.notifier.extend_timeout(300)
+        self._take_over_inference(self._load_backend())
+        return f"backend reloaded from {self.model_options.path}"
+
+    def _previous_model(self) -> str | None:
+        previous = self.model.previous
+        if previous is None or previous is self.model():
+            return None  # no earlier model in this run (the model store adds slots on disk)
+        self._take_over_inference(previous)
+        return f"fell back to model {previous.info.model_name} {previous.info.model_version}"
+
+    def _exit_for_restart(self) -> str:
+        self.exit_code = self.config.watchdog.exit_code
+        self.pipeline.stop()
+        # a hung stage can keep the orderly shutdown from finishing: bound it
+        self._hard_exit = threading.Timer(20.0, os._exit, args=(self.exit_code,))
+        self._hard_exit.daemon = True
+        self._hard_exit.start()
+        return f"exiting with status {self.exit_code} so that systemd restarts the agent"
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply thresholds, sinks and telemetry period live."""
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: the agent was not started from a config file")
+            return
+        try:
+            fresh = load_config(self.config_path)
+        except ConfigError as exc:
+            self.events.emit("config_rejected", f"SIGHUP: new config not applied: {exc}", "error")
+            return
+        try:
+            resolve_classes(fresh.detection.classes, self.model().info.class_names)
+        except ValueError as exc:
+            self.events.emit("config_rejected", f"SIGHUP: detection.classes: {exc}", "error")
+            return
+        self.pipeline.set_thresholds(**fresh.detection.model_dump())
+        keep = [s for s in self.sinks if isinstance(s, MqttSink)]
+        for sink in self.sinks:
+            if not isinstance(sink, MqttSink):
+                sink.close()
+        self.sinks[:] = build_sinks(fresh.sinks) + keep
+        self.pipeline.sinks = self.sinks
+        self.pipeline.emit_empty = fresh.sinks.every_frame
+        needs_restart = [
+            name
+            for name in ("model", "source", "mqtt", "outbox", "state_dir", "device_id")
+            if getattr(fresh, name) != getattr(self.config, name)
+            and not (name == "mqtt" and _only_telemetry_changed(self.config.mqtt, fresh.mqtt))
+        ]
+        mqtt = self.config.mqtt.model_copy(
+            update={"telemetry_interval_s": fresh.mqtt.telemetry_interval_s}
+        )
+        self.config = self.config.model_copy(
+            update={"detection": fresh.detection, "sinks": fresh.sinks, "mqtt": mqtt}
+        )
+        message = "config reloaded: thresholds and sinks applied"
+        if needs_restart:
+            message += f"; changes to {', '.join(needs_restart)} take effect at the next restart"
+        self.events.emit(
+            "config_reloaded", message, "info", thresholds=fresh.detection.model_dump()
+        )
 
     # -- MQTT ------------------------------------------------------------------------------------
     def _setup_mqtt(self) -> None:
@@ -397,11 +525,11 @@ class Agent:
                 )
 
     def _housekeep(self) -> None:
-        interval = self.config.mqtt.telemetry_interval_s
-        next_telemetry = time.monotonic() + interval
+        next_telemetry = time.monotonic() + self.config.mqtt.telemetry_interval_s
         next_expiry = time.monotonic()
         self._watch_counters()  # baseline
-        while not self._stop.wait(min(1.0, interval)):
+        while not self._stop.wait(min(1.0, self.config.mqtt.telemetry_interval_s)):
+            interval = self.config.mqtt.telemetry_interval_s  # SIGHUP may change it
             self._watch_counters()
             now = time.monotonic()
             if self.outbox is not None and now >= next_expiry:
@@ -423,6 +551,8 @@ class Agent:
             self.link.start()
         self.pipeline.start()
         self._housekeeping.start()
+        if self.supervisor is not None:
+            self.supervisor.start()
         self.events.emit(
             "started",
             f"edge-agent {__version__} started",
@@ -434,20 +564,31 @@ class Agent:
     def stop(self) -> None:
         self.pipeline.stop()
 
-    def run(self) -> None:
-        """Run until the source ends or ``stop()``; then shut down in order."""
+    def run(self) -> int:
+        """Run until the source ends, ``stop()`` or the ladder's exit; then shut down in order.
+
+        Returns the exit status (non-zero when the watchdog asked for a restart).
+        """
         self.start()
         try:
-            self.pipeline.wait()
+            while not self.pipeline.wait(timeout=0.5):
+                if self.exit_code:
+                    break  # a hung stage may never drain: stop waiting for it
         finally:
             self.shutdown()
         log.info("%s", self.pipeline.summary_line())
+        if self.exit_code:
+            return self.exit_code
         if self.pipeline.error is not None:
             raise self.pipeline.error
+        return 0
 
     def shutdown(self, flush_timeout: float = 5.0) -> None:
+        self.notifier.stopping()
+        if self.supervisor is not None:
+            self.supervisor.stop()
         self.pipeline.stop()
-        self.pipeline.wait(timeout=10.0)
+        self.pipeline.wait(timeout=2.0 if self.exit_code else 10.0)
         self._stop.set()
         self._housekeeping.join(timeout=2.0)
         self.source.close()
@@ -465,3 +606,6 @@ class Agent:
             self.outbox.close()
         self.probes.close()
         self.backend.close()
+        self.notifier.close()
+        if self._hard_exit is not None:
+            self._hard_exit.cancel()

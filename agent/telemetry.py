@@ -48,6 +48,7 @@ class PipelineStats:
         self.dropped = 0
         self.late = 0
         self.errors = 0
+        self.inference_failures = 0  # current streak of failed inferences
         self.first_out: float | None = None
         self.last_out: float | None = None
 

@@ -137,9 +137,13 @@ class OnnxRuntimeBackend:
             raise ModelError(f"{path}: output shape {output.shape} is not [1, {expected[1]}, N]")
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
-        return self._session.run(self._output_names, {self._input_name: tensor}, self._run_options)[
-            0
-        ]
+        options = ort.RunOptions()  # a fresh one per run: a cancelled one stays cancelled
+        self._run_options = options
+        return self._session.run(self._output_names, {self._input_name: tensor}, options)[0]
+
+    def cancel(self) -> None:
+        """Ask the run in progress to stop; it raises in its own thread shortly after."""
+        self._run_options.terminate = True
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]
