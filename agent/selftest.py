@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from agent.backends.base import Backend
-from agent.postprocess import Detection, DetectionParams, decode
+from agent.postprocess import Detection, DetectionParams, box_iou, decode
 from agent.preprocess import Preprocessor
 
 GOLDEN_SCHEMA = "edge-agent/golden/v1"
@@ -27,14 +27,6 @@ class SelfTestResult:
     passed: bool
     recall: float
     reasons: list[str] = field(default_factory=list)
-
-
-def _iou(a: Any, b: Any) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def decode_image(entry: dict[str, Any]) -> np.ndarray:
@@ -70,7 +62,7 @@ def run_self_test(
         for want in entry["detections"]:
             expected_total += 1
             candidates = [
-                (i, _iou(want["box"], d.box))
+                (i, box_iou(want["box"], d.box))
                 for i, d in enumerate(found)
                 if i not in used
                 and d.class_id == want["class_id"]

@@ -113,14 +113,18 @@ class Steps:
             )
 
 
-def install(root: Path = Path("/"), dry_run: bool = False, enable: bool = True) -> list[str]:
+def _steps(root: Path, dry_run: bool, action: str) -> Steps:
     live = root == Path("/")
     if live and not dry_run and os.geteuid() != 0:
         raise ServiceError(
-            "installing the service needs root (try sudo, or --dry-run to see the steps)"
+            f"{action} the service needs root (try sudo, or --dry-run to see the steps)"
         )
+    return Steps(dry_run, live)
+
+
+def install(root: Path = Path("/"), dry_run: bool = False, enable: bool = True) -> list[str]:
+    steps = _steps(root, dry_run, "installing")
     layout = Layout(root)
-    steps = Steps(dry_run, live)
     steps.run(
         "useradd",
         "--system",
@@ -151,13 +155,8 @@ def install(root: Path = Path("/"), dry_run: bool = False, enable: bool = True) 
 
 
 def uninstall(root: Path = Path("/"), dry_run: bool = False, purge: bool = False) -> list[str]:
-    live = root == Path("/")
-    if live and not dry_run and os.geteuid() != 0:
-        raise ServiceError(
-            "removing the service needs root (try sudo, or --dry-run to see the steps)"
-        )
+    steps = _steps(root, dry_run, "removing")
     layout = Layout(root)
-    steps = Steps(dry_run, live)
     steps.run("systemctl", "disable", "--now", UNIT, check=False)
     steps.remove(layout.unit)
     steps.run("systemctl", "daemon-reload")

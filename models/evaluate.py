@@ -23,7 +23,7 @@ import onnx
 from agent.backends import load_backend
 from agent.backends.base import Backend
 from agent.config import ModelConfig
-from agent.postprocess import Detection, DetectionParams, decode
+from agent.postprocess import Detection, DetectionParams, box_iou, decode
 from agent.preprocess import Preprocessor
 from models.datasets import Dataset
 
@@ -146,14 +146,6 @@ def coco_map(
     return float(evaluation.stats[0]), float(evaluation.stats[1])
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def agreement(reference: list[list[Detection]], candidate: list[list[Detection]]) -> float:
     """F1 of the candidate's detections against the reference's (same class, IoU >= 0.5)."""
     matched = total_ref = total_cand = 0
@@ -164,7 +156,7 @@ def agreement(reference: list[list[Detection]], candidate: list[list[Detection]]
         for d in sorted(cand, key=lambda x: -x.score):
             best = max(
                 (
-                    (_iou(d.box, r.box), i)
+                    (box_iou(d.box, r.box), i)
                     for i, r in enumerate(ref)
                     if i not in used and r.class_id == d.class_id
                 ),
