@@ -209,7 +209,7 @@ class Agent:
             raise ConfigError(f"detection.classes: {exc}") from None
         log.info("model loaded: %s", self.backend.info.summary())
         self.model = ActiveModel(self.backend)
-        self.source = open_source(config.source)
+        source = open_source(config.source)
         self.sinks = build_sinks(config.sinks)
         self.outbox: Outbox | None = None
         self.link: Any = None
@@ -218,7 +218,7 @@ class Agent:
         if config.mqtt.enabled:
             self._setup_mqtt()
         self.pipeline = Pipeline(
-            self.source,
+            source,
             self.model,
             self.sinks,
             config.detection,
@@ -248,6 +248,11 @@ class Agent:
         self._housekeeping = threading.Thread(target=self._housekeep, name="telemetry", daemon=True)
         self._last_counts: dict[str, int] = {}
         self._last_frames = (time.monotonic(), 0, 0)
+
+    @property
+    def source(self) -> Any:
+        """The source in use now (the watchdog may have reopened it)."""
+        return self.pipeline.source
 
     def _load_backend(self) -> Any:
         options = self.model_options

@@ -397,3 +397,45 @@ def test_sigterm_flushes_the_outbox_and_loses_nothing(tmp_path, broker, fp32_mod
     sub.stop()
     assert got == expected and len(expected) > 10
     assert "left in the outbox" not in agent.log()
+
+
+def test_a_silent_source_is_restarted_by_the_ladder_and_recovers(tmp_path, tiny, monkeypatch):
+    from agent.sources import LiveSource
+    from tests.test_sources import ScriptedCapture
+
+    tiny_path, inner = tiny
+    captures = iter(
+        [ScriptedCapture(10, then="stall", interval=0.01)]
+        + [ScriptedCapture(100_000, interval=0.01) for _ in range(3)]
+    )
+    opened: list[LiveSource] = []
+
+    def open_scripted(config):
+        opened.append(LiveSource(config, lambda: next(captures)))
+        return opened[-1]
+
+    monkeypatch.setattr("agent.runtime.open_source", open_scripted)
+    config = build_config(
+        {
+            "device_id": "dev1",
+            "state_dir": str(tmp_path / "state"),
+            "model": {"path": str(tiny_path)},
+            # the source's own stall detection is slow here, so the watchdog must act first
+            "source": {"uri": "rtsp://camera/stream", "stall_timeout_s": 60},
+            "watchdog": {"check_interval_s": 0.05, "source_stall_s": 0.5, "verify_s": 0.5},
+        },
+        "test",
+    )
+    agent = Agent(config, backend=inner)
+    events: list[dict] = []
+    agent.events.publish = events.append
+    agent.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(e["kind"] == "recovered" for e in events):
+        time.sleep(0.1)
+    agent.stop()
+    agent.shutdown()
+    steps = [e["details"].get("step") for e in events if e["kind"] == "escalation"]
+    assert steps == ["restart_source"]
+    assert len(opened) == 2 and agent.source is opened[1]
+    assert agent.source.stats.frames > 10
