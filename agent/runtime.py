@@ -202,6 +202,7 @@ class Agent:
                 update={"engine_cache_dir": config.state_dir / "engines"}
             )
         self.notifier.extend_timeout(300)  # loading may build a TensorRT engine: minutes
+        self._owns_backend = backend is None  # a backend passed in stays its caller's to close
         self.backend = backend or self._load_backend()
         try:
             resolve_classes(config.detection.classes, self.backend.info.class_names)
@@ -610,7 +611,8 @@ class Agent:
             self.link.stop(final)
             self.outbox.close()
         self.probes.close()
-        self.backend.close()
+        if self._owns_backend:
+            self.backend.close()
         self.notifier.close()
         if self._hard_exit is not None:
             self._hard_exit.cancel()

@@ -185,6 +185,8 @@ class Supervisor:
         else:
             self._rung = min(self._rung + 1, len(ladder) - 1)
         step = ladder[self._rung]
+        if step == "exit" and "exit" in self.steps_taken:
+            return  # already on the way out
         reason = "; ".join(f.reason for f in faults)
         guard = self.guards[step]
         if step != "exit" and not guard.allow():
