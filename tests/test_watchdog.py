@@ -251,17 +251,17 @@ def test_ort_runs_really_stop_when_cancelled(fp32_backend):
     fp32_backend.infer(tensor)  # the next run is unaffected
 
 
-def test_a_stalled_live_source_is_reported_and_recovers(tmp_path, tiny, monkeypatch):
+def scripted_live_agent(tmp_path, tiny, monkeypatch, captures, source: dict, watchdog: dict):
+    """An Agent on a scripted live source (real LiveSource code), reopened from ``captures``."""
     from agent.sources import LiveSource
-    from tests.test_sources import ScriptedCapture
 
     tiny_path, inner = tiny
-    captures = iter(
-        [ScriptedCapture(20, then="stall", interval=0.01), ScriptedCapture(100_000, interval=0.01)]
-    )
+    scripted = iter(captures)
+    opened: list[LiveSource] = []
 
     def open_scripted(config):
-        return LiveSource(config, lambda: next(captures))
+        opened.append(LiveSource(config, lambda: next(scripted)))
+        return opened[-1]
 
     monkeypatch.setattr("agent.runtime.open_source", open_scripted)
     config = build_config(
@@ -269,24 +269,38 @@ def test_a_stalled_live_source_is_reported_and_recovers(tmp_path, tiny, monkeypa
             "device_id": "dev1",
             "state_dir": str(tmp_path / "state"),
             "model": {"path": str(tiny_path)},
-            "source": {
-                "uri": "rtsp://camera/stream",
-                "stall_timeout_s": 0.5,
-                "reconnect_initial_s": 0.05,
-            },
-            "watchdog": {"check_interval_s": 0.05},
+            "source": {"uri": "rtsp://camera/stream", **source},
+            "watchdog": {"check_interval_s": 0.05, **watchdog},
         },
         "test",
     )
     agent = Agent(config, backend=inner)
     events: list[dict] = []
     agent.events.publish = events.append
+    return agent, events, opened
+
+
+def run_until(agent, done, timeout: float = 20.0) -> None:
     agent.start()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and agent.pipeline.stats.frames_out < 60:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done():
         time.sleep(0.1)
     agent.stop()
     agent.shutdown()
+
+
+def test_a_stalled_live_source_is_reported_and_recovers(tmp_path, tiny, monkeypatch):
+    from tests.test_sources import ScriptedCapture
+
+    agent, events, _ = scripted_live_agent(
+        tmp_path,
+        tiny,
+        monkeypatch,
+        [ScriptedCapture(20, then="stall", interval=0.01), ScriptedCapture(100_000, interval=0.01)],
+        {"stall_timeout_s": 0.5, "reconnect_initial_s": 0.05},
+        {},
+    )
+    run_until(agent, lambda: agent.pipeline.stats.frames_out >= 60)
     assert agent.pipeline.stats.frames_out >= 60  # frames flow again after the stall
     assert agent.source.stats.stalls == 1 and agent.source.stats.reconnects >= 1
     assert "source_stalls" in [e["kind"] for e in events]
@@ -400,41 +414,19 @@ def test_sigterm_flushes_the_outbox_and_loses_nothing(tmp_path, broker, fp32_mod
 
 
 def test_a_silent_source_is_restarted_by_the_ladder_and_recovers(tmp_path, tiny, monkeypatch):
-    from agent.sources import LiveSource
     from tests.test_sources import ScriptedCapture
 
-    tiny_path, inner = tiny
-    captures = iter(
+    # the source's own stall detection is slow here, so the watchdog must act first
+    agent, events, opened = scripted_live_agent(
+        tmp_path,
+        tiny,
+        monkeypatch,
         [ScriptedCapture(10, then="stall", interval=0.01)]
-        + [ScriptedCapture(100_000, interval=0.01) for _ in range(3)]
+        + [ScriptedCapture(100_000, interval=0.01) for _ in range(3)],
+        {"stall_timeout_s": 60},
+        {"source_stall_s": 0.5, "verify_s": 0.5},
     )
-    opened: list[LiveSource] = []
-
-    def open_scripted(config):
-        opened.append(LiveSource(config, lambda: next(captures)))
-        return opened[-1]
-
-    monkeypatch.setattr("agent.runtime.open_source", open_scripted)
-    config = build_config(
-        {
-            "device_id": "dev1",
-            "state_dir": str(tmp_path / "state"),
-            "model": {"path": str(tiny_path)},
-            # the source's own stall detection is slow here, so the watchdog must act first
-            "source": {"uri": "rtsp://camera/stream", "stall_timeout_s": 60},
-            "watchdog": {"check_interval_s": 0.05, "source_stall_s": 0.5, "verify_s": 0.5},
-        },
-        "test",
-    )
-    agent = Agent(config, backend=inner)
-    events: list[dict] = []
-    agent.events.publish = events.append
-    agent.start()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not any(e["kind"] == "recovered" for e in events):
-        time.sleep(0.1)
-    agent.stop()
-    agent.shutdown()
+    run_until(agent, lambda: any(e["kind"] == "recovered" for e in events))
     steps = [e["details"].get("step") for e in events if e["kind"] == "escalation"]
     assert steps == ["restart_source"]
     assert len(opened) == 2 and agent.source is opened[1]
