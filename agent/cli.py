@@ -31,7 +31,7 @@ from agent.config import (
     redacted,
 )
 from agent.errors import AgentError, ImageError
-from agent.postprocess import DetectionParams, decode, resolve_classes
+from agent.postprocess import DetectionParams, detect_image
 from agent.preprocess import Preprocessor
 
 log = logging.getLogger("edge-agent")
@@ -117,13 +117,6 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if healthy else EXIT_FAILURE
 
 
-def resolve_or_fail(detection: DetectionConfig, names: dict[int, str]) -> None:
-    try:
-        resolve_classes(detection.classes, names)
-    except ValueError as exc:
-        raise ConfigError(f"detection.classes: {exc}") from None
-
-
 # -- detect ------------------------------------------------------------------------------------
 def cmd_detect(args: argparse.Namespace) -> int:
     backend = load_backend("onnxruntime", args.model, _model_options(args))
@@ -133,15 +126,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(f"bad threshold: {exc}") from None
-    resolve_or_fail(detection, backend.info.class_names)
-    params = DetectionParams(
-        detection.confidence,
-        detection.iou,
-        detection.max_detections,
-        resolve_classes(detection.classes, backend.info.class_names),
-    )
+    try:
+        params = DetectionParams.from_config(detection, backend.info.class_names)
+    except ValueError as exc:
+        raise ConfigError(f"detection.classes: {exc}") from None
     pre = Preprocessor(backend.info.imgsz, pool_size=1)
-    tensor = pre.pool.acquire()
     failures = 0
     for path in args.images:
         try:
@@ -150,8 +139,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             print(f"edge-agent: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        tensor, box = pre(image, out=tensor)
-        detections = decode(backend.infer(tensor), box, params, backend.info.class_names)
+        detections = detect_image(backend, image, params, pre)
         if args.json:
             record = {
                 "image": str(path),
@@ -189,14 +177,14 @@ def _video_source(args: argparse.Namespace, pace: str):
 
 
 def _demo_model(args: argparse.Namespace) -> Path:
-    from agent.demo import DEMO_MODEL, find_shared_dir, missing_shared_message
+    from agent.demo import DEMO_MODEL, require_shared_dir
 
     if args.model is not None:
         return args.model
-    shared = find_shared_dir(args.shared)
-    if shared is None:
-        raise UsageError(missing_shared_message())
-    return shared / DEMO_MODEL
+    try:
+        return require_shared_dir(args.shared) / DEMO_MODEL
+    except LookupError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

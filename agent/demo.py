@@ -36,6 +36,14 @@ def find_shared_dir(explicit: Path | None = None) -> Path | None:
     return None
 
 
+def require_shared_dir(explicit: Path | None = None) -> Path:
+    """Like ``find_shared_dir``, but raises LookupError saying what to pass instead."""
+    folder = find_shared_dir(explicit)
+    if folder is None:
+        raise LookupError(missing_shared_message())
+    return folder
+
+
 def missing_shared_message() -> str:
     return (
         "the demo needs the shared data folder (../shared beside the project, or --shared DIR, or "
@@ -120,8 +128,5 @@ def open_demo_source(uri: str | None, shared: Path | None, pace: str):
     from agent.sources import open_source
 
     if uri is None:
-        folder = find_shared_dir(shared)
-        if folder is None:
-            raise LookupError(missing_shared_message())
-        uri = str(synthesise_video(demo_images(folder), cache_dir()))
+        uri = str(synthesise_video(demo_images(require_shared_dir(shared)), cache_dir()))
     return open_source(SourceConfig(uri=uri, pace=pace))

@@ -25,7 +25,7 @@ import numpy as np
 from agent.backends.base import Backend
 from agent.config import DetectionConfig, PipelineConfig
 from agent.errors import SourceError
-from agent.postprocess import DetectionParams, decode, resolve_classes
+from agent.postprocess import DetectionParams, decode
 from agent.preprocess import Letterbox, Preprocessor
 from agent.sinks import FrameResult, Sink
 from agent.sources import Frame, FrameSource
@@ -339,13 +339,7 @@ class Pipeline:
         key = id(model.info)
         params = self._params_cache.get(key)
         if params is None:
-            d = self._detection
-            params = DetectionParams(
-                confidence=d.confidence,
-                iou=d.iou,
-                max_detections=d.max_detections,
-                class_ids=resolve_classes(d.classes, model.info.class_names),
-            )
+            params = DetectionParams.from_config(self._detection, model.info.class_names)
             self._params_cache[key] = params
         return params
 

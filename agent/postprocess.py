@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
-from agent.preprocess import Letterbox
+from agent.preprocess import Letterbox, Preprocessor
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,16 @@ class DetectionParams:
     iou: float = 0.45
     max_detections: int = 100
     class_ids: frozenset[int] | None = None
+
+    @classmethod
+    def from_config(cls, detection: Any, names: Mapping[int, str]) -> DetectionParams:
+        """From a ``DetectionConfig`` and class names; ValueError on unknown classes."""
+        return cls(
+            confidence=detection.confidence,
+            iou=detection.iou,
+            max_detections=detection.max_detections,
+            class_ids=resolve_classes(detection.classes, names),
+        )
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -117,3 +128,19 @@ def decode(
         )
         for i, box in zip(chosen, source_boxes, strict=True)
     ]
+
+
+def detect_image(
+    backend: Any, image: np.ndarray, params: DetectionParams, pre: Preprocessor | None = None
+) -> list[Detection]:
+    """One image through letterbox, inference and decode (outside the pipeline: CLI, self-test).
+
+    Pass ``pre`` to reuse one preprocessor (and its tensor) across many images.
+    """
+    if pre is None:
+        pre = Preprocessor(backend.info.imgsz, np.dtype(backend.info.input_dtype), pool_size=1)
+    tensor, box = pre(image, out=pre.pool.acquire())
+    try:
+        return decode(backend.infer(tensor), box, params, backend.info.class_names)
+    finally:
+        pre.pool.release(tensor)

@@ -16,8 +16,7 @@ import cv2
 import numpy as np
 
 from agent.backends.base import Backend
-from agent.postprocess import Detection, DetectionParams, box_iou, decode
-from agent.preprocess import Preprocessor
+from agent.postprocess import DetectionParams, box_iou, detect_image
 
 GOLDEN_SCHEMA = "edge-agent/golden/v1"
 
@@ -37,12 +36,6 @@ def decode_image(entry: dict[str, Any]) -> np.ndarray:
     return image
 
 
-def detect(backend: Backend, image: np.ndarray, params: DetectionParams) -> list[Detection]:
-    pre = Preprocessor(backend.info.imgsz, np.dtype(backend.info.input_dtype), pool_size=1)
-    tensor, box = pre(image)
-    return decode(backend.infer(tensor), box, params, backend.info.class_names)
-
-
 def run_self_test(
     backend: Backend, golden: dict[str, Any], min_recall: float = 0.9, score_tolerance: float = 0.1
 ) -> SelfTestResult:
@@ -55,7 +48,7 @@ def run_self_test(
     reasons: list[str] = []
     for entry in golden["images"]:
         try:
-            found = detect(backend, decode_image(entry), params)
+            found = detect_image(backend, decode_image(entry), params)
         except Exception as exc:  # a crashing model fails the test, it does not crash the agent
             return SelfTestResult(False, 0.0, [f"inference failed on {entry.get('name')}: {exc}"])
         used: set[int] = set()

@@ -26,9 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import shared_dir_or_exit
+
 from agent.backends import load_backend
 from agent.config import ModelConfig, build_config
-from agent.demo import DEMO_MODEL, find_shared_dir, missing_shared_message, open_demo_source
+from agent.demo import DEMO_MODEL, open_demo_source
 from agent.preprocess import Preprocessor
 from agent.runtime import Agent, MqttSink
 from tests.brokers import Mosquitto, Subscriber
@@ -157,10 +159,7 @@ def main() -> int:
     parser.add_argument("--infer-ms", type=float, default=10.0)
     parser.add_argument("--shared", type=Path)
     args = parser.parse_args()
-    shared = find_shared_dir(args.shared)
-    if shared is None:
-        print(missing_shared_message(), file=sys.stderr)
-        return 2
+    shared = shared_dir_or_exit(args.shared)
     model = shared / DEMO_MODEL
     backend = load_backend("onnxruntime", model, ModelConfig(path=model))
     source = open_demo_source(None, shared, "fast")

@@ -13,11 +13,13 @@ import json
 import sys
 from pathlib import Path
 
+from common import shared_dir_or_exit
+
 from agent.backends import load_backend
 from agent.bench import run_benchmark
 from agent.cli import print_bench
 from agent.config import ModelConfig
-from agent.demo import DEMO_MODEL, find_shared_dir, missing_shared_message, open_demo_source
+from agent.demo import DEMO_MODEL, open_demo_source
 
 
 def main() -> int:
@@ -32,12 +34,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the full report here")
     args = parser.parse_args()
-    shared = find_shared_dir(args.shared)
     if args.model is None:
-        if shared is None:
-            print(missing_shared_message(), file=sys.stderr)
-            return 2
-        args.model = shared / DEMO_MODEL
+        args.model = shared_dir_or_exit(args.shared) / DEMO_MODEL
     backend = load_backend(
         "onnxruntime", args.model, ModelConfig(path=args.model, threads=args.threads)
     )

@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 import onnx
+from common import shared_dir_or_exit
 
-from agent.demo import DEMO_MODEL, find_shared_dir, missing_shared_message
+from agent.demo import DEMO_MODEL
 from models.calibration import synthesise
 from models.datasets import load_dataset
 from models.evaluate import evaluate
@@ -55,10 +56,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path, help="also write report.md/json/png here")
     parser.add_argument("--rounds", type=int, default=60)
     args = parser.parse_args()
-    shared = find_shared_dir(args.shared)
-    if shared is None:
-        print(missing_shared_message(), file=sys.stderr)
-        return 2
+    shared = shared_dir_or_exit(args.shared)
     fp32 = shared / DEMO_MODEL
     dynamic = shared / "models" / "yolov8n-coco-int8-dynamic.onnx"
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,8 +16,8 @@ import cv2
 
 from agent.backends import load_backend
 from agent.config import ModelConfig
-from agent.postprocess import DetectionParams
-from agent.selftest import GOLDEN_SCHEMA, decode_image, detect
+from agent.postprocess import DetectionParams, detect_image
+from agent.selftest import GOLDEN_SCHEMA, decode_image
 from models.errors import FactoryError
 from models.outputs import atomic_path, refuse_existing
 
@@ -52,7 +52,7 @@ def record_golden(
                 "jpeg_base64": base64.b64encode(jpeg.tobytes()).decode(),
             }
             entry["detections"] = [
-                d.to_dict() for d in detect(backend, decode_image(entry), params)
+                d.to_dict() for d in detect_image(backend, decode_image(entry), params)
             ]
             entries.append(entry)
     finally:

@@ -100,7 +100,7 @@ def test_quantized_model_carries_metadata_and_is_small(u8s8_model, fp32_model):
     assert u8s8_model.stat().st_size <= 0.3 * fp32_model.stat().st_size
     image = cv2.imread(str(ROOT.parent / "shared" / "images" / "bus.jpg"))
     from agent.postprocess import DetectionParams
-    from agent.selftest import detect
+    from agent.postprocess import detect_image as detect
 
     labels = sorted(d.label for d in detect(backend, image, DetectionParams()))
     assert labels.count("person") >= 3 and "bus" in labels
