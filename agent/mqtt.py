@@ -70,9 +70,6 @@ class Topics:
     def command_result(self, name: str) -> str:
         return self.device(f"cmd/{name}/result")
 
-    def fleet_announce(self, channel: str) -> str:
-        return f"{self.prefix}/fleet/{channel}/announce"
-
 
 def read_password(config: MqttConfig) -> str | None:
     if config.password_file is not None:

@@ -496,6 +496,8 @@ class Agent:
                 "connect_failures": self.link.connect_failures,
                 "published": self.publisher.published,
                 "refused": self.publisher.refused,
+                "commands_handled": self.commands.handled,
+                "commands_rejected": self.commands.rejected,
             }
         return message
 

@@ -12,12 +12,11 @@ from typing import Any, Protocol, TextIO
 
 from agent.backends.base import BackendInfo
 from agent.config import SinksConfig
+from agent.messages import DETECTIONS
 from agent.postprocess import Detection
 from agent.sources import Frame
 
 log = logging.getLogger(__name__)
-
-DETECTIONS_SCHEMA = "edge-agent/detections/v1"
 
 
 @dataclass(slots=True)
@@ -30,7 +29,7 @@ class FrameResult:
     def to_dict(self) -> dict[str, Any]:
         height, width = self.frame.image.shape[:2]
         return {
-            "schema": DETECTIONS_SCHEMA,
+            "schema": DETECTIONS,
             "frame_id": self.frame.frame_id,
             "timestamp": round(self.frame.timestamp, 6),
             "source": self.frame.source,

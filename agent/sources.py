@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -47,7 +47,6 @@ class SourceStats:
     stalls: int = 0
     read_errors: int = 0
     last_error: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def as_dict(self) -> dict[str, int | str | None]:
         return {

@@ -116,3 +116,19 @@ def test_tensorrt_provider_gets_its_engine_cache(tmp_path):
 def test_no_usable_provider_is_an_error():
     with pytest.raises(BackendUnavailable, match="none of the providers"):
         resolve_providers(["CUDAExecutionProvider"], ["TensorrtExecutionProvider"], None)
+
+
+def test_warmup_runs_happen_at_load(tmp_path, monkeypatch):
+    from agent.backends.onnxruntime import OnnxRuntimeBackend
+
+    calls = []
+    original = OnnxRuntimeBackend.infer
+    monkeypatch.setattr(
+        OnnxRuntimeBackend, "infer", lambda self, t: calls.append(1) or original(self, t)
+    )
+    path = models_for_tests.tiny_detector(tmp_path / "tiny.onnx")
+    load(path, warmup_runs=3)
+    assert len(calls) == 3
+    calls.clear()
+    load(path, warmup_runs=0)
+    assert len(calls) == 1  # the output check always runs once

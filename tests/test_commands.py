@@ -164,3 +164,15 @@ def test_a_thousand_fuzzed_commands_leave_the_agent_running(running):
         "ok"
     ]
     assert "Traceback" not in agent.log()
+
+
+def test_command_counters_are_reported_in_telemetry(running):
+    _, sub = running
+    ask(sub, "ping", {})
+    ask(sub, "reboot", "{}")
+    topic = f"{PREFIX}/telemetry"
+    sub.client.subscribe(topic, qos=0)
+    message = sub.wait_topic(topic, timeout=10)
+    validate(topic, message.json())
+    counters = message.json()["mqtt"]
+    assert counters["commands_handled"] >= 1 and counters["commands_rejected"] >= 1
