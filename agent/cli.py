@@ -104,17 +104,144 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from agent.watchdog import read_health
 
-    if args.state_dir is not None:
-        state_dir = args.state_dir
-    else:
-        state_dir = (
-            load_config(args.config).state_dir
-            if args.config
-            else AgentConfig.model_fields["state_dir"].default
-        )
-    healthy, reason = read_health(Path(state_dir) / "health.json", args.max_age)
+    healthy, reason = read_health(_state_dir(args) / "health.json", args.max_age)
     print(reason, file=sys.stdout if healthy else sys.stderr)
     return EXIT_OK if healthy else EXIT_FAILURE
+
+
+# -- model and ota: talk to the running agent, or edit its state while it is stopped --------------
+def _state_dir(args: argparse.Namespace) -> Path:
+    if getattr(args, "state_dir", None) is not None:
+        return Path(args.state_dir)
+    if getattr(args, "config", None) is not None:
+        return load_config(args.config).state_dir
+    return AgentConfig.model_fields["state_dir"].default
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from agent.model_store import ModelStore
+
+    folder = _state_dir(args) / "models"
+    if not folder.is_dir():
+        raise AgentError(f"no model state in {folder}: OTA has never run with this state_dir")
+    return ModelStore(folder)
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(result, indent=2))
+    elif result.get("ok", True):
+        for key, value in result.items():
+            if key != "ok" and value is not None:
+                print(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    if not result.get("ok", True):
+        print(f"edge-agent: error: {result.get('error')}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _describe(record: Any) -> str:
+    if record is None:
+        return "-"
+    where = f"slot {record.slot}" if record.slot else "base model"
+    return f"{record.name} {record.version} ({where}: {record.path})"
+
+
+def cmd_model_status(args: argparse.Namespace) -> int:
+    from agent.model_manager import file_request
+
+    store = _store(args)
+    if store.agent_running():
+        return _print_result(file_request(store.root, "status", {}, args.timeout), args.json)
+    state = store.state
+    if args.json:
+        print(json.dumps({"running": False, **state.public()}, indent=2))
+        return EXIT_OK
+    print("agent: not running (state as it will start)")
+    print(f"active:    {_describe(state.active) if state.active else 'the base model'}")
+    print(f"previous:  {_describe(state.previous)}")
+    print(f"staged:    {_describe(state.staged)}")
+    print(f"pinned:    {state.pinned or '-'}")
+    for version, reason in state.rejected.items():
+        print(f"rejected:  {version}: {reason}")
+    if state.last_outcome:
+        print(f"last:      {json.dumps(state.last_outcome)}")
+    return EXIT_OK
+
+
+def cmd_model_rollback(args: argparse.Namespace) -> int:
+    from agent.model_manager import file_request
+
+    store = _store(args)
+    if store.agent_running():
+        request = {"reason": "requested with edge-agent model rollback"}
+        return _print_result(file_request(store.root, "rollback", request, args.timeout), args.json)
+    with store.locked() as state:
+        if state.previous is None:
+            raise AgentError("there is no previous model to roll back to")
+        current, previous = state.active, state.previous
+        if current is not None:
+            state.rejected[current.version] = "rolled back with edge-agent model rollback"
+        state.active = previous if previous.slot else None
+        state.previous = current
+        state.probation = None
+        store.save()
+    print(f"rolled back to {_describe(previous)}; the agent uses it when it starts")
+    return EXIT_OK
+
+
+def cmd_model_pin(args: argparse.Namespace) -> int:
+    from agent.descriptor import check_semver
+    from agent.model_manager import file_request
+
+    version = None if args.clear else args.version
+    if version is None and not args.clear:
+        raise UsageError("give a VERSION, or --clear")
+    if version is not None:
+        try:
+            check_semver(version)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    store = _store(args)
+    if store.agent_running():
+        result = file_request(store.root, "pin", {"version": version}, args.timeout)
+        return _print_result(result, args.json)
+    with store.locked() as state:
+        state.pinned = version
+        if version is not None:
+            state.rejected.pop(version, None)
+        store.save()
+    print(f"pinned to {version}" if version else "pin cleared", "(applied when the agent starts)")
+    return EXIT_OK
+
+
+def cmd_ota_check(args: argparse.Namespace) -> int:
+    from agent.descriptor import detect_target
+    from agent.model_manager import file_request
+    from agent.model_store import ModelStore
+    from agent.ota import ChannelClient
+
+    config = load_config(args.config)
+    store = ModelStore(config.state_dir / "models")
+    if store.agent_running():
+        result = file_request(store.root, "check", {"trigger": "cli"}, args.timeout)
+        return _print_result(result, args.json)
+    state = store.state
+    name = config.ota.model_name or (state.active.name if state.active else None)
+    if name is None:
+        name = load_backend(config.model.backend, config.model.path, config.model).info.model_name
+    target = config.ota.target or detect_target()
+    offer = ChannelClient(config.ota, store.root / "tuf", config.device_id).find(
+        name, target, state.active.version if state.active else None, state.pinned, state.rejected
+    )
+    if offer is None:
+        print(f"up to date: nothing newer for {name} on {target} (the agent is not running)")
+    else:
+        print(
+            f"available: {name} {offer.version} for {offer.target} "
+            f"({offer.model_target.length} bytes); the agent installs it when it runs"
+        )
+    return EXIT_OK
 
 
 # -- detect ------------------------------------------------------------------------------------
@@ -304,6 +431,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_state_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, help="config file (for its state_dir)")
+    parser.add_argument(
+        "--state-dir", type=Path, help="state directory (default /var/lib/edge-agent)"
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="wait for the agent (s)")
+    parser.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -382,6 +518,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-age", type=float, default=10.0, help="seconds before a heartbeat is stale"
     )
     health.set_defaults(func=cmd_health)
+
+    model = sub.add_parser("model", help="the active model: status, rollback, pin")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    for action, helptext, func in (
+        ("status", "active, previous, staged models, probation and pin", cmd_model_status),
+        ("rollback", "go back to the previous model now", cmd_model_rollback),
+        ("pin", "follow exactly VERSION (--clear: follow the newest)", cmd_model_pin),
+    ):
+        sub_parser = model_sub.add_parser(action, help=helptext)
+        if action == "pin":
+            sub_parser.add_argument("version", nargs="?", metavar="VERSION")
+            sub_parser.add_argument("--clear", action="store_true", help="remove the pin")
+        _add_state_options(sub_parser)
+        sub_parser.set_defaults(func=func)
+
+    ota = sub.add_parser("ota", help="the OTA channel")
+    ota_sub = ota.add_subparsers(dest="ota_command", metavar="ACTION", required=True)
+    ota_check = ota_sub.add_parser(
+        "check", help="check the channel now (the running agent installs what it finds)"
+    )
+    ota_check.add_argument("-c", "--config", type=Path, required=True, help="YAML config file")
+    ota_check.add_argument("--timeout", type=float, default=600.0)
+    ota_check.add_argument("--json", action="store_true")
+    ota_check.set_defaults(func=cmd_ota_check)
 
     config = sub.add_parser("config", help="check or show configuration")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -261,6 +261,78 @@ class WatchdogConfig(StrictModel):
     health_file_interval_s: float = Field(1.0, gt=0)
 
 
+class ProbationConfig(StrictModel):
+    """How long a new model is watched, and what sends it back."""
+
+    frames: int = Field(100, ge=1, description="Judge after this many frames on the new model...")
+    seconds: float = Field(
+        60.0, gt=0, description="...or after this long, once it has seen min_frames."
+    )
+    min_frames: int = Field(10, ge=1)
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="Failed inferences / frames tried (cancelled ones too)."
+    )
+    max_p95_ratio: float = Field(
+        1.5, gt=0, description="Inference p95 against the previous model's."
+    )
+    max_empty_increase: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Rise in the share of frames with no detection against the previous model.",
+    )
+    max_late_increase: float = Field(
+        0.2, ge=0, le=1, description="Rise in the share of frames past the deadline."
+    )
+
+
+class OtaConfig(StrictModel):
+    """The OTA model channel (TUF): where it is, what this device follows, and the limits."""
+
+    enabled: bool = False
+    channel: str = Field(
+        "file:///var/lib/edge-agent/channel",
+        description="Channel base: https://host/path, http://..., file:///path or a plain path.",
+    )
+    channel_name: str = Field(
+        "stable", pattern=r"^[A-Za-z0-9._-]+$", description="For {prefix}/fleet/<name>/announce."
+    )
+    root: Path | None = Field(
+        None, description="The channel's trusted root.json, provisioned with the device."
+    )
+    model_name: str | None = Field(
+        None, description="Model line to follow (default: the base model's name)."
+    )
+    target: str | None = Field(
+        None, description="Variant to ask for (default: detected, e.g. cpu-x86_64, jetson-orin)."
+    )
+    poll_interval_s: float = Field(3600.0, ge=1)
+    poll_jitter: float = Field(
+        0.2, ge=0, le=1, description="Each poll waits interval x (1 +- jitter): no fleet stampede."
+    )
+    first_check_s: float = Field(
+        30.0, ge=0, description="First check this long after start (plus jitter)."
+    )
+    announce_jitter_s: float = Field(
+        30.0, ge=0, description="An announce waits a random 0..this before checking."
+    )
+    max_model_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    timeout_s: float = Field(30.0, gt=0, description="Per HTTP request (connect and read).")
+    retries: int = Field(8, ge=0, description="Reconnects without progress before giving up.")
+    retry_backoff_s: float = Field(0.5, ge=0)
+    free_space_margin_bytes: int = Field(
+        16 * 1024 * 1024, ge=0, description="Keep this much disk free when staging."
+    )
+    self_test_min_recall: float = Field(0.9, ge=0, le=1)
+    probation: ProbationConfig = Field(default_factory=ProbationConfig)
+
+    @model_validator(mode="after")
+    def _root_when_enabled(self) -> OtaConfig:
+        if self.enabled and self.root is None:
+            raise ValueError("root (the channel's trusted root.json) is required when enabled")
+        return self
+
+
 class AgentConfig(StrictModel):
     device_id: str = Field(default_factory=socket.gethostname, min_length=1)
     state_dir: Path = Path("/var/lib/edge-agent")
@@ -273,6 +345,7 @@ class AgentConfig(StrictModel):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    ota: OtaConfig = Field(default_factory=OtaConfig)
 
 
 def describe_validation_error(error: ValidationError, origin: str) -> str:

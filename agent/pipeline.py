@@ -319,6 +319,7 @@ class Pipeline:
                     log.warning("inference failed on frame %d: %s", job.frame.frame_id, exc)
                     self.stats.count("errors")
                     self.stats.count("inference_failures")
+                    self.stats.for_model(job.model).failures += 1
                     continue
                 finally:
                     if generation == self._inference_generation:
@@ -383,6 +384,12 @@ class Pipeline:
                 self.stats.count("errors")
         self.stats.latency["sink"].add((time.perf_counter() - sink_started) * 1000)
         self.stats.latency["total"].add(total_ms)
-        if total_ms > self.config.deadline_ms:
+        late = total_ms > self.config.deadline_ms
+        if late:
             self.stats.count("late")
+        per_model = self.stats.for_model(job.model)
+        per_model.inference.add(job.latency_ms["inference"])
+        per_model.frames += 1
+        per_model.empty += not detections
+        per_model.late += late
         self.stats.mark_out(time.monotonic())

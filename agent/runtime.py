@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent import __version__
 from agent.backends import load_backend
 from agent.config import AgentConfig, ConfigError, MqttConfig, load_config
+from agent.descriptor import SemVer
 from agent.messages import TELEMETRY, encode, event, model_ref, status
+from agent.model_manager import ManagerError, ModelManager, with_identity
 from agent.notify import Notifier
 from agent.outbox import Outbox
 from agent.pipeline import ActiveModel, Pipeline
@@ -44,16 +46,26 @@ class Events:
 
     def __init__(self, device_id: str) -> None:
         self.device_id = device_id
-        self.publish: Any = None  # set to a callable(payload dict) once the link exists
+        self.publish: Any = None  # set by attach() once the link exists
         self.count = 0
+        self._early: list[dict[str, Any]] = []  # emitted before the link existed (start-up)
+
+    def attach(self, publish: Any) -> None:
+        self.publish = publish
+        for payload in self._early:
+            publish(payload)
+        self._early.clear()
 
     def emit(self, kind: str, message: str, level: str = "warning", **details: Any) -> None:
         self.count += 1
         getattr(log, "error" if level == "error" else "warning" if level == "warning" else "info")(
             "event %s: %s", kind, message
         )
+        payload = event(kind, message, level, self.device_id, details)
         if self.publish is not None:
-            self.publish(event(kind, message, level, self.device_id, details))
+            self.publish(payload)
+        elif len(self._early) < 100:
+            self._early.append(payload)
 
 
 class MqttSink:
@@ -93,6 +105,11 @@ class SnapshotArgs(BaseModel):
 
 class NoArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class PinArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: SemVer | None = Field(description="Follow exactly this version; null unpins.")
 
 
 def annotate(result: FrameResult) -> Any:
@@ -203,7 +220,12 @@ class Agent:
             )
         self.notifier.extend_timeout(300)  # loading may build a TensorRT engine: minutes
         self._owns_backend = backend is None  # a backend passed in stays its caller's to close
-        self.backend = backend or self._load_backend()
+        self.manager: ModelManager | None = None
+        if config.ota.enabled and backend is None:
+            self.manager = ModelManager(config, self.events, self._load_model_file)
+            self.backend = self.manager.startup_backend(config.model.path)
+        else:
+            self.backend = backend or self._load_backend()
         try:
             resolve_classes(config.detection.classes, self.backend.info.class_names)
         except ValueError as exc:
@@ -227,6 +249,13 @@ class Agent:
             emit_empty=config.sinks.every_frame,
             max_frames=max_frames,
         )
+        if self.manager is not None:
+            self.manager.attach(
+                self.model,
+                self.model.swap,  # between two frames: the frame in inference finishes
+                self.pipeline.stats.for_model,
+                self._publish_model_state,
+            )
         self.probes = SystemProbes()
         self.supervisor: Supervisor | None = None
         if config.watchdog.enabled:
@@ -255,9 +284,17 @@ class Agent:
         """The source in use now (the watchdog may have reopened it)."""
         return self.pipeline.source
 
-    def _load_backend(self) -> Any:
+    def _load_model_file(self, path: Path) -> Any:
         options = self.model_options
-        return load_backend(options.backend, options.path, options)
+        return load_backend(options.backend, path, options.model_copy(update={"path": path}))
+
+    def _load_backend(self) -> Any:
+        """The active model again, from disk: the base model, or its OTA slot."""
+        if self.manager is None:
+            return self._load_model_file(self.model_options.path)
+        record = self.manager.active_record()
+        assert record is not None
+        return with_identity(self._load_model_file(Path(record.path)), record)
 
     def status_text(self) -> str:
         fps = self.pipeline.stats.throughput_fps()
@@ -275,16 +312,29 @@ class Agent:
 
     def _take_over_inference(self, backend: Any) -> None:
         self.model.swap(backend)
+        self._abandon_hung_inference()
+
+    def _abandon_hung_inference(self) -> None:
+        """The watchdog's steps do not wait for a run that may never return."""
         if self.pipeline.busy_since.get("inference") is not None:
             self.pipeline.replace_inference_worker()
         self.pipeline.stats.inference_failures = 0
 
     def _reload_backend(self) -> str | None:
         self.notifier.extend_timeout(300)
-        self._take_over_inference(self._load_backend())
-        return f"backend reloaded from {self.model_options.path}"
+        backend = self._load_backend()
+        self._take_over_inference(backend)
+        return f"backend reloaded from {backend.info.model_path}"
 
     def _previous_model(self) -> str | None:
+        if self.manager is not None:
+            try:
+                result = self.manager.rollback("the watchdog's previous_model step")
+            except ManagerError as exc:
+                log.warning("previous_model: %s", exc)
+                return None
+            self._abandon_hung_inference()
+            return f"fell back to model {result.get('active')}"
         previous = self.model.previous
         if previous is None or previous is self.model():
             return None  # no earlier model in this run (the model store adds slots on disk)
@@ -359,12 +409,21 @@ class Agent:
         self.commands.register("ping", NoArgs, self._cmd_ping)
         self.commands.register("config/thresholds", ThresholdArgs, self._cmd_thresholds)
         self.commands.register("snapshot", SnapshotArgs, self._cmd_snapshot)
+        subscriptions = []
+        if self.manager is not None:
+            self.commands.register("ota/check", NoArgs, self._cmd_ota_check)
+            self.commands.register("model/status", NoArgs, self._cmd_model_status)
+            self.commands.register("model/rollback", NoArgs, self._cmd_model_rollback)
+            self.commands.register("model/pin", PinArgs, self._cmd_model_pin)
+            subscriptions.append(self.announce_topic)
         self.link = MqttLink(
             config.mqtt,
             config.device_id,
             will,
             on_command=self.commands.submit,
+            subscriptions=subscriptions,
             on_connected=self._on_connected,
+            on_message=self._on_message,
         )
         self.publisher = Publisher(self.outbox, self.link, config.mqtt.inflight)
         topics = self.link.topics
@@ -377,9 +436,18 @@ class Agent:
                 self.session,
             )
         )
-        self.events.publish = lambda payload: self.outbox.put(
-            topics.events, encode(payload), config.mqtt.qos_events
+        self.events.attach(
+            lambda payload: self.outbox.put(topics.events, encode(payload), config.mqtt.qos_events)
         )
+
+    @property
+    def announce_topic(self) -> str:
+        return f"{self.config.mqtt.prefix}/fleet/{self.config.ota.channel_name}/announce"
+
+    def _on_message(self, topic: str, _payload: bytes) -> None:
+        if self.manager is not None and topic == self.announce_topic:
+            log.info("channel announce received: checking for a model update")
+            self.manager.nudge()
 
     def _on_connected(self) -> None:
         """On every (re)connect: retained status, model and discovery configs."""
@@ -398,12 +466,44 @@ class Agent:
 
     def model_message(self) -> dict[str, Any]:
         info = self.model().info
-        return {
+        message = {
             "schema": "edge-agent/model/v1",
             "device_id": self.config.device_id,
             "active": {**info.summary(), "classes": info.num_classes},
             "timestamp": round(time.time(), 3),
         }
+        if self.manager is not None:
+            message["ota"] = self.manager.status()
+        return message
+
+    def _publish_model_state(self) -> None:
+        if self.link is not None:
+            topic = self.link.topics.model
+            self.link.publish(topic, encode(self.model_message()), qos=1, retain=True)
+
+    def _manager_call(self, action: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        from agent.commands import CommandError
+
+        assert self.manager is not None
+        result = self.manager.call(action, args, timeout)
+        if not result.pop("ok", False):
+            raise CommandError(result.get("error", f"{action} failed"))
+        return result
+
+    def _cmd_ota_check(self, _: NoArgs) -> dict[str, Any]:
+        assert self.manager is not None
+        self.manager.submit("check", {"trigger": "command"})
+        return {"queued": True, "note": "progress and outcome follow on events and model"}
+
+    def _cmd_model_status(self, _: NoArgs) -> dict[str, Any]:
+        assert self.manager is not None
+        return self.manager.status()
+
+    def _cmd_model_rollback(self, _: NoArgs) -> dict[str, Any]:
+        return self._manager_call("rollback", {"reason": "requested over MQTT"}, 60)
+
+    def _cmd_model_pin(self, args: PinArgs) -> dict[str, Any]:
+        return self._manager_call("pin", {"version": args.version}, 600)
 
     def _reply(self, name: str, payload: dict[str, Any]) -> None:
         if self.link is not None:
@@ -559,6 +659,8 @@ class Agent:
             self.link.start()
         self.pipeline.start()
         self._housekeeping.start()
+        if self.manager is not None:
+            self.manager.start()
         if self.supervisor is not None:
             self.supervisor.start()
         self.events.emit(
@@ -595,6 +697,8 @@ class Agent:
         self.notifier.stopping()
         if self.supervisor is not None:
             self.supervisor.stop()
+        if self.manager is not None:
+            self.manager.stop()
         self.pipeline.stop()
         self.pipeline.wait(timeout=2.0 if self.exit_code else 10.0)
         self._stop.set()

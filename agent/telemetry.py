@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +39,30 @@ class LatencyWindow:
         return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, values, strict=True)}
 
 
+class ModelStats:
+    """What one model did since it became active: the evidence a probation is judged on."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.inference = LatencyWindow(window)
+        self.frames = 0  # finished frames
+        self.failures = 0  # inferences that raised (a watchdog cancel counts too)
+        self.empty = 0  # finished frames with no detection
+        self.late = 0  # finished frames past the deadline
+
+    @property
+    def attempts(self) -> int:
+        return self.frames + self.failures
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames,
+            "failures": self.failures,
+            "empty": self.empty,
+            "late": self.late,
+            "inference_ms": self.inference.percentiles(),
+        }
+
+
 class PipelineStats:
     """Counters and per-stage latency windows shared by the pipeline's threads."""
 
@@ -51,6 +77,16 @@ class PipelineStats:
         self.inference_failures = 0  # current streak of failed inferences
         self.first_out: float | None = None
         self.last_out: float | None = None
+        self._window = window
+        self._per_model: weakref.WeakKeyDictionary[Any, ModelStats] = weakref.WeakKeyDictionary()
+
+    def for_model(self, model: Any) -> ModelStats:
+        """The counters of one loaded model (kept while the model object lives)."""
+        with self._lock:
+            stats = self._per_model.get(model)
+            if stats is None:
+                stats = self._per_model[model] = ModelStats(self._window)
+            return stats
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:

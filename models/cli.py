@@ -62,37 +62,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _reference_entry(path: Path) -> dict:
-    """A stored result: report.json (its first model) or a single ModelResult json."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FactoryError(f"cannot read the stored reference {path}: {exc}") from None
-    entry = data["models"][0] if isinstance(data, dict) and "models" in data else data
-    needed = {"map50_95", "mean_top_score", "detections_per_image"}
-    if not isinstance(entry, dict) or not needed <= set(entry):
-        raise FactoryError(
-            f"{path} is not an evaluation result (needs {', '.join(sorted(needed))})"
-        )
-    return entry
-
-
 def cmd_gate(args: argparse.Namespace) -> int:
-    from models.datasets import load_dataset
-    from models.evaluate import evaluate
-    from models.gate import GateLimits, check
+    from models.gate import gate_model
 
-    dataset = load_dataset(args.data)
-    stored = args.reference.suffix == ".json"
-    models = [args.candidate] if stored else [args.reference, args.candidate]
-    results = evaluate(models, dataset, latency_rounds=args.rounds)
-    candidate = results[-1].to_dict()
-    reference = _reference_entry(args.reference) if stored else results[0].to_dict()
-    limits = GateLimits(
-        max_map_drop_points=args.max_map_drop,
-        max_latency_ratio=None if stored else args.max_latency_ratio,
+    result = gate_model(
+        args.candidate,
+        args.reference,
+        args.data,
+        args.rounds,
+        args.max_map_drop,
+        args.max_latency_ratio,
     )
-    result = check(candidate, reference, limits)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif result.passed:
@@ -122,6 +102,95 @@ def cmd_calibration_set(args: argparse.Namespace) -> int:
 
     written = synthesise(args.images, args.out, per_image=args.per_image)
     print(f"wrote {len(written)} calibration images to {args.out}")
+    return EXIT_OK
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from models.keys import init_keys
+    from models.publish import create
+
+    root_key, root = init_keys(args.keys, args.channel, args.root_key)
+    create(args.channel, args.keys, root, args.name)
+    print(f"channel {args.name!r} created in {args.channel}")
+    print(f"online keys (targets, snapshot, timestamp): {args.keys}")
+    print(f"ROOT KEY: {root_key}: move it to offline storage; publishing never needs it")
+    print(f"provision devices with {args.channel / 'metadata' / '1.root.json'} (config ota.root)")
+    return EXIT_OK
+
+
+def _golden_for(args: argparse.Namespace) -> dict:
+    from models.golden import record_golden
+
+    if args.golden is not None:
+        try:
+            return json.loads(args.golden.read_text())
+        except (OSError, ValueError) as exc:
+            raise FactoryError(f"cannot read the golden set {args.golden}: {exc}") from None
+    if args.model.suffix.lower() != ".onnx":
+        raise FactoryError("--golden-images records with ONNX models only; pass --golden FILE")
+    return record_golden(args.model, args.golden_images)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from models.gate import gate_model
+    from models.publish import inspect_onnx, publish
+
+    gate = None
+    if args.no_gate:
+        print("WARNING: --no-gate: publishing without the quality gate", file=sys.stderr)
+        gate = {"skipped": True}
+    else:
+        if args.reference is None or args.data is None:
+            raise FactoryError("the quality gate needs --reference and --data (or --no-gate)")
+        result = gate_model(
+            args.info or args.model,
+            args.reference,
+            args.data,
+            args.rounds,
+            args.max_map_drop,
+            args.max_latency_ratio,
+        )
+        if not result.passed:
+            print(f"FAIL {args.model.name}: not published", file=sys.stderr)
+            for reason in result.reasons:
+                print(f"  - {reason}", file=sys.stderr)
+            return EXIT_GATE
+        gate = {"passed": True, "checks": result.checks}
+    info = inspect_onnx(args.info) if args.info is not None else None
+    published = publish(
+        args.channel,
+        args.keys,
+        args.model,
+        args.version,
+        _golden_for(args),
+        name=args.name,
+        target=args.target,
+        rollout_percent=args.rollout,
+        min_agent_version=args.min_agent_version,
+        info=info,
+        gate=gate,
+    )
+    print(
+        f"published {published.name} {published.version} for {published.target} "
+        f"({published.length} bytes, sha256 {published.sha256[:12]}; rollout {args.rollout:g}%; "
+        f"timestamp v{published.timestamp_version})"
+    )
+    return EXIT_OK
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from models.publish import set_rollout
+
+    old = set_rollout(args.channel, args.keys, args.name, args.version, args.percent)
+    print(f"{args.name} {args.version}: rollout {old:g}% -> {args.percent:g}%")
+    return EXIT_OK
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from models.publish import refresh
+
+    version = refresh(args.channel, args.keys)
+    print(f"re-signed snapshot and timestamp (timestamp v{version})")
     return EXIT_OK
 
 
@@ -213,6 +282,48 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--per-image", type=int, default=16)
     c.set_defaults(func=cmd_calibration_set)
+
+    k = sub.add_parser("keys", help="signing keys of an OTA channel")
+    k_sub = k.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    ki = k_sub.add_parser("init", help="make Ed25519 keys and a new, empty signed channel")
+    ki.add_argument("--keys", type=Path, required=True, help="folder for the online keys")
+    ki.add_argument("--channel", type=Path, required=True, help="channel folder to create")
+    ki.add_argument("--root-key", type=Path, help="root key file (default <keys>/offline/root.pem)")
+    ki.add_argument("--name", default="stable", help="channel name (default stable)")
+    ki.set_defaults(func=cmd_keys_init)
+
+    p = sub.add_parser("publish", help="gate a model and publish it to an OTA channel")
+    p.add_argument("--channel", type=Path, required=True)
+    p.add_argument("--keys", type=Path, required=True, help="online keys (keys init)")
+    p.add_argument("--model", type=Path, required=True, help="model file (.onnx, .engine, .rknn)")
+    p.add_argument("--version", dest="version", required=True, help="semantic version, 1.2.0")
+    p.add_argument("--name", help="model line devices follow (default: the model's name)")
+    p.add_argument("--target", default="cpu-x86_64", help="device class (default cpu-x86_64)")
+    p.add_argument("--rollout", type=float, default=100.0, help="percent of devices (100)")
+    p.add_argument("--min-agent-version", default=__version__)
+    p.add_argument("--info", type=Path, help="for an engine: the ONNX it was built from")
+    p.add_argument("--golden", type=Path, help="golden set (edge-models golden)")
+    p.add_argument("--golden-images", type=Path, nargs="+", help="record the golden set here")
+    p.add_argument("--reference", type=Path, help="gate: float model or stored report.json")
+    p.add_argument("--data", type=Path, help="gate: evaluation dataset")
+    p.add_argument("--max-map-drop", type=float, default=1.0)
+    p.add_argument("--max-latency-ratio", type=float, default=1.10)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--no-gate", action="store_true", help="skip the quality gate (recorded)")
+    p.set_defaults(func=cmd_publish)
+
+    r = sub.add_parser("rollout", help="change the share of devices a release goes to")
+    r.add_argument("--channel", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--name", required=True)
+    r.add_argument("--version", dest="version", required=True)
+    r.add_argument("--percent", type=float, required=True)
+    r.set_defaults(func=cmd_rollout)
+
+    f = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
+    f.add_argument("--channel", type=Path, required=True)
+    f.add_argument("--keys", type=Path, required=True)
+    f.set_defaults(func=cmd_refresh)
     return parser
 
 

@@ -6,8 +6,12 @@ the golden set) by devices after an update. Each failed check gives a reason a p
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from models.errors import FactoryError
 
 
 @dataclass(frozen=True)
@@ -64,3 +68,43 @@ def check(
                 f"({latency_ratio:.2f}x; the limit is {limits.max_latency_ratio:g}x)"
             )
     return GateResult(passed=not reasons, reasons=reasons, checks=checks)
+
+
+def stored_reference(path: Path) -> dict[str, Any]:
+    """A stored result: report.json (its first model) or a single ModelResult json."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FactoryError(f"cannot read the stored reference {path}: {exc}") from None
+    entry = data["models"][0] if isinstance(data, dict) and "models" in data else data
+    needed = {"map50_95", "mean_top_score", "detections_per_image"}
+    if not isinstance(entry, dict) or not needed <= set(entry):
+        raise FactoryError(
+            f"{path} is not an evaluation result (needs {', '.join(sorted(needed))})"
+        )
+    return entry
+
+
+def gate_model(
+    candidate: Path,
+    reference: Path,
+    data: Path,
+    rounds: int = 20,
+    max_map_drop: float = 1.0,
+    max_latency_ratio: float | None = 1.10,
+) -> GateResult:
+    """Evaluate ``candidate`` (and ``reference``, unless it is a stored .json result) on
+    ``data`` and judge it. Latency is only judged against a model measured in the same run."""
+    from models.datasets import load_dataset
+    from models.evaluate import evaluate
+
+    dataset = load_dataset(data)
+    stored = reference.suffix == ".json"
+    models = [candidate] if stored else [reference, candidate]
+    results = evaluate(models, dataset, latency_rounds=rounds)
+    reference_result = stored_reference(reference) if stored else results[0].to_dict()
+    limits = GateLimits(
+        max_map_drop_points=max_map_drop,
+        max_latency_ratio=None if stored else max_latency_ratio,
+    )
+    return check(results[-1].to_dict(), reference_result, limits)
