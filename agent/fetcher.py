@@ -16,7 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.client import HTTPException
+from http.client import HTTPException, IncompleteRead
 from pathlib import Path
 
 from tuf.api import exceptions
@@ -109,14 +109,20 @@ class ChannelFetcher(FetcherInterface):
                     raise exceptions.DownloadError(
                         f"{url}: server resumed at the wrong place ({content_range!r})"
                     )
+            announced = response.headers.get("Content-Length")
+            received = 0
             while chunk := response.read(CHUNK):
                 self.bytes_received += len(chunk)
+                received += len(chunk)
                 if skip:
                     cut = min(skip, len(chunk))
                     chunk, skip = chunk[cut:], skip - cut
                     if not chunk:
                         continue
                 yield chunk
+            if announced is not None and received < int(announced):
+                # read(n) returns b"" on a closed socket instead of raising: a cut, not an end
+                raise IncompleteRead(b"", int(announced) - received)
 
     def _local(self, url: str, offset: int) -> Iterator[bytes]:
         path = local_path(url)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent import failpoints
 from agent.backends.base import Backend
 from agent.config import AgentConfig
 from agent.descriptor import ModelDescriptor, detect_target, parse
@@ -499,6 +500,8 @@ class ModelManager:
                 self.stats_for(previous_backend),
                 time.monotonic(),
             )
+
+            failpoints.reach("swap")  # swapped in memory, not yet on disk
 
             def promote(state: StoreState) -> None:
                 state.previous = state.active or self.base

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent import failpoints
 from agent.backends.base import file_digest
 from agent.errors import AgentError
 
@@ -194,6 +195,7 @@ class ModelStore:
             folder.mkdir(parents=True)
             with download.open("rb") as src, target.open("wb") as dst:
                 shutil.copyfileobj(src, dst, 1024 * 1024)
+                failpoints.reach("staging")
                 dst.flush()
                 os.fsync(dst.fileno())
             write_atomic(folder / "descriptor.json", descriptor)

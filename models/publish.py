@@ -92,7 +92,7 @@ class Repository:
     def add_target(self, path: str, data: bytes) -> TargetFile:
         """Store a file under its hash-prefixed name and list it in targets."""
         target = TargetFile.from_data(path, data, ["sha256"])
-        stored = self._stored(path, target)
+        stored = self.stored_path(path, target)
         if not stored.exists():
             _write_atomic(stored, data)
         self.targets.signed.targets[path] = target
@@ -102,9 +102,9 @@ class Repository:
         target = self.targets.signed.targets.get(path)
         if target is None:
             return None
-        return self._stored(path, target).read_bytes()
+        return self.stored_path(path, target).read_bytes()
 
-    def _stored(self, path: str, target: TargetFile) -> Path:
+    def stored_path(self, path: str, target: TargetFile) -> Path:
         """Where a target's bytes live: its name prefixed with its hash (consistent snapshot)."""
         folder, _, name = path.rpartition("/")
         return self.targets_dir / folder / f"{target.hashes['sha256']}.{name}"

@@ -165,3 +165,48 @@ class AgentProcess:
         code = self.process.wait(timeout=timeout)
         self._log.close()
         return code
+
+
+# -- models and channels for the factory and OTA tests ------------------------------------------
+@pytest.fixture(scope="session")
+def calib(shared, tmp_path_factory) -> Path:
+    """Calibration frames from the two photos only: never the coco8 evaluation images."""
+    from models.calibration import synthesise
+
+    folder = tmp_path_factory.mktemp("calib")
+    synthesise(
+        [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"], folder, per_image=8
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def collapsed_model(fp32_model, calib, tmp_path_factory) -> Path:
+    """Head quantized too: one int8 scale for the last Concat's 0..640 boxes and 0..1 scores."""
+    from models.quantize import QuantizeSettings, quantize
+
+    out = tmp_path_factory.mktemp("q") / "yolov8n-collapsed.onnx"
+    quantize(
+        fp32_model,
+        calib,
+        out,
+        QuantizeSettings(activations="uint8", keep_head_float=False),
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden_set(dynamic_model, shared) -> dict:
+    """The golden self-test set of the shared int8 model, recorded once."""
+    from models.golden import record_golden
+
+    images = [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"]
+    return record_golden(dynamic_model, images)
+
+
+@pytest.fixture
+def channel(tmp_path):
+    from tests.ota_helpers import new_channel
+
+    return new_channel(tmp_path / "ota")

@@ -12,7 +12,6 @@ import pytest
 from agent.backends import load_backend
 from agent.config import ModelConfig
 from agent.selftest import run_self_test
-from models.calibration import synthesise
 from models.datasets import load_dataset
 from models.evaluate import evaluate
 from models.gate import GateLimits, check
@@ -38,33 +37,9 @@ def run_models(*args: str, timeout: float = 300):
 
 
 @pytest.fixture(scope="session")
-def calib(shared, tmp_path_factory) -> Path:
-    """Calibration frames from the two photos only: never the coco8 evaluation images."""
-    folder = tmp_path_factory.mktemp("calib")
-    synthesise(
-        [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"], folder, per_image=8
-    )
-    return folder
-
-
-@pytest.fixture(scope="session")
 def u8s8_model(fp32_model, calib, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("q") / "yolov8n-u8s8.onnx"
     quantize(fp32_model, calib, out, QuantizeSettings(activations="uint8"), progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def collapsed_model(fp32_model, calib, tmp_path_factory) -> Path:
-    """Head quantized too: one int8 scale for the last Concat's 0..640 boxes and 0..1 scores."""
-    out = tmp_path_factory.mktemp("q") / "yolov8n-collapsed.onnx"
-    quantize(
-        fp32_model,
-        calib,
-        out,
-        QuantizeSettings(activations="uint8", keep_head_float=False),
-        progress=False,
-    )
     return out
 
 
