@@ -144,12 +144,12 @@ class ModelManager:
             self.store.drop_unreferenced()
         active = self.state.active
         candidates = [active, self.state.previous] if active is not None else []
-        for record in candidates:
+        for position, record in enumerate(candidates):
             if record is None or record.slot is None:
                 continue  # the base model: loaded below
             backend = self._load_at_start(record)
             if backend is not None:
-                if record is self.state.previous:
+                if position == 1:  # the active slot failed, the previous one works
                     self._fell_back_to_previous()
                 if self.model_name is None:
                     self.model_name = record.name
@@ -205,7 +205,7 @@ class ModelManager:
                     f"staged {staged.label()} dropped: {problem}",
                     "error",
                     version=staged.version,
-                    kind="staged_invalid",
+                    check="staged_invalid",
                 )
 
     def _load_at_start(self, record: SlotRecord) -> Backend | None:
@@ -227,7 +227,7 @@ class ModelManager:
             f"{record.label()} in slot {record.slot}: {problem}",
             "error",
             version=record.version,
-            kind="slot_invalid",
+            check="slot_invalid",
         )
         return None
 
@@ -236,6 +236,7 @@ class ModelManager:
             state.active, state.previous = state.previous, None
 
         self._update(fall_back)
+        self.store.drop_unreferenced()
 
     # -- wiring and lifecycle ----------------------------------------------------------------------
     def attach(
@@ -367,7 +368,7 @@ class ModelManager:
                 s, "last_outcome", {"result": "failed", "kind": exc.kind, "reason": str(exc)}
             )
         )
-        self._emit("ota_failed", str(exc), "error", kind=exc.kind, version=version)
+        self._emit("ota_failed", str(exc), "error", check=exc.kind, version=version)
         self.progress = {}
         self.on_change()
         return {"updated": False, "error": str(exc), "kind": exc.kind}
@@ -540,7 +541,7 @@ class ModelManager:
             f"{staged.label()} never went live: {reason}",
             "error",
             version=staged.version,
-            kind=kind,
+            check=kind,
         )
         self.on_change()
         return {"updated": False, "rejected": staged.version, "kind": kind, "reason": reason}
