@@ -57,3 +57,15 @@ def tiny_detector(
     zero_scalar = numpy_helper.from_array(np.array(0, np.float32), "zero_scalar")
     graph = helper.make_graph(nodes, "tiny", [x], [y], [zeros, zero_scalar])
     return save(graph, path, metadata)
+
+
+def warmup_crasher(path: Path, side: int = 64) -> Path:
+    """A well-formed YOLOv8-shaped detector (2 classes) that fails on its first inference: its
+    Reshape cannot fit the image into the declared head."""
+    anchors = sum((side // s) ** 2 for s in (8, 16, 32))
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, side, side])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 6, anchors])
+    shape = numpy_helper.from_array(np.array([1, 6, anchors], np.int64), "shape")
+    nodes = [helper.make_node("Reshape", ["images", "shape"], ["output0"])]
+    graph = helper.make_graph(nodes, "crasher", [x], [y], [shape])
+    return save(graph, path, {"names": "{0: 'person', 1: 'car'}", "task": "detect"})
