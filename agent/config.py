@@ -30,7 +30,7 @@ from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
 # Variables under the prefix that are not config overrides.
-ENV_RESERVED = {"EDGE_AGENT_CONFIG", "EDGE_AGENT_SHARED"}
+ENV_RESERVED = {"EDGE_AGENT_CONFIG", "EDGE_AGENT_SHARED", "EDGE_AGENT_FAILPOINTS"}
 
 
 class StrictModel(BaseModel):
