@@ -7,6 +7,8 @@ from pathlib import Path
 
 from agent.demo import require_shared_dir
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def shared_dir_or_exit(explicit: Path | None) -> Path:
     """../shared (or ``--shared``); without it, say what to pass and exit 2."""
