@@ -286,22 +286,30 @@ class ModelManager:
             self.submit("activate")
         while not self._stop.is_set():
             try:
-                request = self._requests.get(timeout=0.25)
-            except queue.Empty:
-                request = None
-            if request is not None:
-                self._serve(request)
-            self._serve_files()
-            if self._probation is not None:
-                self._watch_probation()
-                continue
-            now = time.monotonic()
-            if self._nudge_at is not None and now >= self._nudge_at:
-                self._nudge_at = None
-                self._serve(Request("check", {"trigger": "announce"}))
-            elif now >= next_poll:
-                next_poll = self._next_poll()
-                self._serve(Request("check", {"trigger": "poll"}))
+                next_poll = self._step(next_poll)
+            except Exception:  # a disk error, a bug: log it, keep the manager alive
+                log.exception("model manager step failed")
+                time.sleep(1.0)
+
+    def _step(self, next_poll: float) -> float:
+        try:
+            request = self._requests.get(timeout=0.25)
+        except queue.Empty:
+            request = None
+        if request is not None:
+            self._serve(request)
+        self._serve_files()
+        if self._probation is not None:
+            self._watch_probation()
+            return next_poll
+        now = time.monotonic()
+        if self._nudge_at is not None and now >= self._nudge_at:
+            self._nudge_at = None
+            self._serve(Request("check", {"trigger": "announce"}))
+        elif now >= next_poll:
+            next_poll = self._next_poll()
+            self._serve(Request("check", {"trigger": "poll"}))
+        return next_poll
 
     def _serve(self, request: Request) -> None:
         handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

@@ -718,7 +718,10 @@ class Agent:
             self.outbox.close()
         self.probes.close()
         if self._owns_backend:
-            self.backend.close()
+            active = self.model()
+            active.close()
+            if self.backend is not active:
+                self.backend.close()
         self.notifier.close()
         if self._hard_exit is not None:
             self._hard_exit.cancel()

@@ -124,33 +124,29 @@ class Repository:
         timestamp version. ``expires`` overrides a role's expiry (tests make stale channels)."""
         expires = expires or {}
         now = _now()
-        serializer = JSONSerializer(compact=False)
         signers = {role: load_signer(key_path(self.keys, role)) for role in ONLINE_ROLES}
+
+        def bump(document: Metadata[Any], role: str) -> int:
+            signed = document.signed
+            signed.version += 1
+            signed.expires = expires.get(role, now + timedelta(days=EXPIRY_DAYS[role]))
+            document.sign(signers[role])
+            return signed.version
+
         documents: list[tuple[Metadata[Any], Path]] = []
         if sign_targets:
-            targets = self.targets.signed
-            targets.version += 1
-            targets.expires = expires.get("targets", now + timedelta(days=EXPIRY_DAYS["targets"]))
-            self.targets.signatures.clear()
-            self.targets.sign(signers["targets"])
-            documents.append((self.targets, self.metadata_dir / f"{targets.version}.targets.json"))
-            self.snapshot.signed.meta["targets.json"] = MetaFile(version=targets.version)
-        snapshot = self.snapshot.signed
-        snapshot.version += 1
-        snapshot.expires = expires.get("snapshot", now + timedelta(days=EXPIRY_DAYS["snapshot"]))
-        self.snapshot.signatures.clear()
-        self.snapshot.sign(signers["snapshot"])
-        documents.append((self.snapshot, self.metadata_dir / f"{snapshot.version}.snapshot.json"))
-        timestamp = self.timestamp.signed
-        timestamp.version += 1
-        timestamp.expires = expires.get("timestamp", now + timedelta(days=EXPIRY_DAYS["timestamp"]))
-        timestamp.snapshot_meta = MetaFile(version=snapshot.version)
-        self.timestamp.signatures.clear()
-        self.timestamp.sign(signers["timestamp"])
+            version = bump(self.targets, "targets")
+            documents.append((self.targets, self.metadata_dir / f"{version}.targets.json"))
+            self.snapshot.signed.meta["targets.json"] = MetaFile(version=version)
+        version = bump(self.snapshot, "snapshot")
+        documents.append((self.snapshot, self.metadata_dir / f"{version}.snapshot.json"))
+        self.timestamp.signed.snapshot_meta = MetaFile(version=version)
+        bump(self.timestamp, "timestamp")
         documents.append((self.timestamp, self.metadata_dir / "timestamp.json"))
+        serializer = JSONSerializer(compact=False)
         for document, path in documents:  # timestamp.json last: it makes the rest visible
             _write_atomic(path, document.to_bytes(serializer))
-        return timestamp.version
+        return self.timestamp.signed.version
 
 
 def create(folder: Path, keys: Path, root: Metadata[Root], channel: str) -> Repository:

@@ -181,6 +181,15 @@ def calib(shared, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def u8s8_model(fp32_model, calib, tmp_path_factory) -> Path:
+    from models.quantize import QuantizeSettings, quantize
+
+    out = tmp_path_factory.mktemp("q") / "yolov8n-u8s8.onnx"
+    quantize(fp32_model, calib, out, QuantizeSettings(activations="uint8"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def collapsed_model(fp32_model, calib, tmp_path_factory) -> Path:
     """Head quantized too: one int8 scale for the last Concat's 0..640 boxes and 0..1 scores."""
     from models.quantize import QuantizeSettings, quantize

@@ -16,7 +16,7 @@ from models.datasets import load_dataset
 from models.evaluate import evaluate
 from models.gate import GateLimits, check
 from models.golden import record_golden
-from models.quantize import QuantizeSettings, head_postprocess_nodes, quantize
+from models.quantize import head_postprocess_nodes
 from tests import models_for_tests
 from tests.conftest import ROOT
 
@@ -34,13 +34,6 @@ def run_models(*args: str, timeout: float = 300):
         timeout=timeout,
         cwd=ROOT,
     )
-
-
-@pytest.fixture(scope="session")
-def u8s8_model(fp32_model, calib, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("q") / "yolov8n-u8s8.onnx"
-    quantize(fp32_model, calib, out, QuantizeSettings(activations="uint8"), progress=False)
-    return out
 
 
 @pytest.fixture(scope="session")

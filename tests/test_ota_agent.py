@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 
 from tests.brokers import Subscriber
 from tests.channel_server import Nginx
-from tests.conftest import ROOT, AgentProcess, agent_config
+from tests.conftest import AgentProcess, agent_config, run_cli
 from tests.schemas import validate
 
 PREFIX = "edge/dev1"
@@ -31,16 +29,6 @@ def ota_settings(channel, url: str, **extra) -> dict:
         "probation": {"frames": 15, "seconds": 30, "min_frames": 5},
         **extra,
     }
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 def wait_until(predicate, timeout: float = 60, what: str = "condition", log=None):
@@ -62,7 +50,7 @@ def looping(bus_video):
     return {"uri": str(bus_video), "pace": "realtime", "loop": True}
 
 
-def test_update_over_mqtt_with_retained_model_state_and_the_cli(
+def test_update_over_mqtt_with_retained_model_state_and_the_run_cli(
     tmp_path, broker, fp32_model, dynamic_model, golden_set, channel, looping
 ):
     channel.publish(dynamic_model, "1.1.0", golden_set)
@@ -88,7 +76,7 @@ def test_update_over_mqtt_with_retained_model_state_and_the_cli(
         assert model["ota"]["last_outcome"]["result"] == "committed"
         assert model["ota"]["previous"]["name"] == "yolov8n-coco-fp32"
 
-        status = cli("model", "status", "-c", str(config), "--json")
+        status = run_cli("model", "status", "-c", str(config), "--json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["active"]["version"] == "1.1.0"
 
@@ -96,7 +84,7 @@ def test_update_over_mqtt_with_retained_model_state_and_the_cli(
         reply = sub.wait_topic(f"{PREFIX}/cmd/model/rollback/result").json()
         assert reply["ok"] and reply["result"]["active"].startswith("sha256:"), reply
 
-        pinned = cli("model", "pin", "1.1.0", "-c", str(config))
+        pinned = run_cli("model", "pin", "1.1.0", "-c", str(config))
         assert pinned.returncode == 0, pinned.stderr
         assert "pinned: 1.1.0" in pinned.stdout
 
@@ -137,14 +125,14 @@ def test_cli_edits_the_state_of_a_stopped_agent(
         )
     finally:
         assert agent.stop() == 0
-    status = cli("model", "status", "-c", str(config))
+    status = run_cli("model", "status", "-c", str(config))
     assert "not running" in status.stdout and "1.1.0 (slot" in status.stdout
-    rolled = cli("model", "rollback", "-c", str(config))
+    rolled = run_cli("model", "rollback", "-c", str(config))
     assert rolled.returncode == 0 and "base model" in rolled.stdout, rolled.stderr
     assert read_state(tmp_path)["active"] is None
-    check = cli("ota", "check", "-c", str(config))
+    check = run_cli("ota", "check", "-c", str(config))
     assert check.returncode == 0 and "up to date" in check.stdout, check.stdout + check.stderr
-    bad = cli("model", "pin", "latest", "-c", str(config))
+    bad = run_cli("model", "pin", "latest", "-c", str(config))
     assert bad.returncode == 2 and "semantic version" in bad.stderr
 
 

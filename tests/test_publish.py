@@ -1,0 +1,120 @@
+"""`edge-models keys init / publish / rollout / refresh`: the publisher's side of the channel."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+
+from agent.descriptor import ChannelIndex
+from models.publish import open_repository
+from tests.conftest import ROOT
+
+
+def models_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "models.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def index_of(channel, keys) -> ChannelIndex:
+    with open_repository(channel, keys) as repo:
+        return repo.index()
+
+
+def test_keys_init_makes_private_keys_and_a_signed_channel_and_never_overwrites(tmp_path):
+    keys, channel = tmp_path / "keys", tmp_path / "channel"
+    made = models_cli("keys", "init", "--keys", keys, "--channel", channel)
+    assert made.returncode == 0, made.stderr
+    assert "move it to offline storage" in made.stdout
+    for role in ("targets", "snapshot", "timestamp"):
+        assert stat.S_IMODE((keys / f"{role}.pem").stat().st_mode) == 0o600
+    assert (keys / "offline" / "root.pem").exists()
+    assert (channel / "metadata" / "1.root.json").exists()
+    assert index_of(channel, keys).releases == []
+    again = models_cli("keys", "init", "--keys", keys, "--channel", channel)
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+
+
+def test_publish_runs_the_gate_first_and_refuses_a_collapsed_model(
+    tmp_path, fp32_model, u8s8_model, collapsed_model, shared
+):
+    keys, channel = tmp_path / "keys", tmp_path / "channel"
+    assert models_cli("keys", "init", "--keys", keys, "--channel", channel).returncode == 0
+    images = [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"]
+    common = ["--channel", channel, "--keys", keys, "--name", "yolov8n-coco"]
+    gate = ["--reference", fp32_model, "--data", shared / "datasets" / "coco8", "--rounds", "3"]
+
+    refused = models_cli(
+        "publish", *common, "--model", collapsed_model, "--version", "1.0.0", *gate,
+        "--golden-images", *images,
+    )  # fmt: skip
+    assert refused.returncode == 3, refused.stderr
+    assert "scores collapsed" in refused.stderr and "not published" in refused.stderr
+    assert index_of(channel, keys).releases == []
+
+    good = models_cli(
+        "publish", *common, "--model", u8s8_model, "--version", "1.0.0", *gate,
+        "--max-latency-ratio", "5", "--rollout", "10", "--golden-images", *images,
+    )  # fmt: skip
+    assert good.returncode == 0, good.stderr
+    assert "published yolov8n-coco 1.0.0 for cpu-x86_64" in good.stdout
+    release = index_of(channel, keys).releases[0]
+    assert release.rollout_percent == 10 and list(release.variants) == ["cpu-x86_64"]
+
+    with open_repository(channel, keys) as repo:
+        descriptor = json.loads(repo.read_target(release.variants["cpu-x86_64"].descriptor))
+    assert descriptor["precision"] == "int8" and descriptor["gate"]["passed"] is True
+    assert descriptor["input"]["height"] == 640 and descriptor["input"]["layout"] == "NCHW"
+    assert descriptor["golden"]["images"] and len(descriptor["class_names"]) == 80
+
+    # a second target for the same version; other bytes under an existing one are refused
+    arm = models_cli(
+        "publish", *common, "--model", u8s8_model, "--version", "1.0.0",
+        "--target", "cpu-aarch64", "--no-gate", "--golden-images", *images,
+    )  # fmt: skip
+    assert arm.returncode == 0, arm.stderr
+    assert set(index_of(channel, keys).releases[0].variants) == {"cpu-x86_64", "cpu-aarch64"}
+    clash = models_cli(
+        "publish", *common, "--model", fp32_model, "--version", "1.0.0", "--no-gate",
+        "--golden-images", *images,
+    )  # fmt: skip
+    assert clash.returncode == 1 and "publish a new version instead" in clash.stderr
+
+    widened = models_cli(
+        "rollout", "--channel", channel, "--keys", keys, "--name", "yolov8n-coco",
+        "--version", "1.0.0", "--percent", "100",
+    )  # fmt: skip
+    assert widened.returncode == 0 and "10% -> 100%" in widened.stdout
+    refreshed = models_cli("refresh", "--channel", channel, "--keys", keys)
+    assert refreshed.returncode == 0 and "re-signed" in refreshed.stdout
+
+
+def test_publish_refuses_bad_input_with_a_clear_message(tmp_path, fp32_model, golden_set):
+    keys, channel = tmp_path / "keys", tmp_path / "channel"
+    assert models_cli("keys", "init", "--keys", keys, "--channel", channel).returncode == 0
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps(golden_set))
+    base = ["publish", "--channel", channel, "--keys", keys, "--no-gate", "--golden", golden]
+    cases = {
+        "not a semantic version": [*base, "--model", fp32_model, "--version", "v2"],
+        "unknown model format": [*base, "--model", golden, "--version", "1.0.0"],
+        "is not a channel": [
+            "publish", "--channel", tmp_path, "--keys", keys, "--no-gate", "--golden", golden,
+            "--model", fp32_model, "--version", "1.0.0",
+        ],
+        "quality gate needs --reference": [
+            "publish", "--channel", channel, "--keys", keys, "--golden", golden,
+            "--model", fp32_model, "--version", "1.0.0",
+        ],
+    }  # fmt: skip
+    for expected, args in cases.items():
+        result = models_cli(*args)
+        assert result.returncode == 1, (expected, result.stderr)
+        assert expected in result.stderr, (expected, result.stderr)
+        assert "Traceback" not in result.stderr
