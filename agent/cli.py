@@ -179,12 +179,8 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     with store.locked() as state:
         if state.previous is None:
             raise AgentError("there is no previous model to roll back to")
-        current, previous = state.active, state.previous
-        if current is not None:
-            state.rejected[current.version] = "rolled back with edge-agent model rollback"
-        state.active = previous if previous.slot else None
-        state.previous = current
-        state.probation = None
+        previous = state.previous
+        state.swap_to_previous(state.active, "rolled back with edge-agent model rollback", True)
         store.save()
     print(f"rolled back to {_describe(previous)}; the agent uses it when it starts")
     return EXIT_OK
@@ -207,9 +203,7 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
         result = file_request(store.root, "pin", {"version": version}, args.timeout)
         return _print_result(result, args.json)
     with store.locked() as state:
-        state.pinned = version
-        if version is not None:
-            state.rejected.pop(version, None)
+        state.pin(version)
         store.save()
     print(f"pinned to {version}" if version else "pin cleared", "(applied when the agent starts)")
     return EXIT_OK

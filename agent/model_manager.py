@@ -654,20 +654,7 @@ class ModelManager:
         with self._lock:
             self.take_over(backend)
             current = self.active_record()
-
-            def swap_back(state: StoreState) -> None:
-                state.active = previous if previous.slot else None
-                state.previous = current
-                if reject and current is not None:
-                    state.rejected[current.version] = reason
-                state.rejected.pop(previous.version, None)
-                state.last_outcome = {
-                    "result": "rolled_back",
-                    "version": current.version if current else None,
-                    "reason": reason,
-                }
-
-            self._update(swap_back)
+            self._update(lambda state: state.swap_to_previous(current, reason, reject))
         retire(replaced, keep=self.active_model)
         self._emit(
             "ota_rolled_back",
@@ -681,13 +668,7 @@ class ModelManager:
 
     def pin(self, version: str | None) -> dict[str, Any]:
         """Follow exactly ``version`` (None: follow the newest again), and check right away."""
-
-        def set_pin(state: StoreState) -> None:
-            state.pinned = version
-            if version is not None:
-                state.rejected.pop(version, None)
-
-        self._update(set_pin)
+        self._update(lambda state: state.pin(version))
         self._emit("ota_pinned", f"pinned to {version}" if version else "pin cleared", pin=version)
         self.on_change()
         return {"pinned": version, **self.check({"trigger": "pin"})}

@@ -83,6 +83,30 @@ class StoreState(BaseModel):
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
+    # transitions shared by the running agent and the CLI (which edits a stopped agent's state)
+    def pin(self, version: str | None) -> None:
+        """Follow exactly ``version`` (None: the newest); a pin overrides an earlier rejection."""
+        self.pinned = version
+        if version is not None:
+            self.rejected.pop(version, None)
+
+    def swap_to_previous(self, current: SlotRecord | None, reason: str, reject: bool) -> None:
+        """The previous model becomes active, ``current`` becomes previous; ``reject`` keeps
+        ``current`` from being installed again by the next check."""
+        previous = self.previous
+        assert previous is not None
+        self.active = previous if previous.slot else None
+        self.previous = current
+        self.probation = None
+        if reject and current is not None:
+            self.rejected[current.version] = reason
+        self.rejected.pop(previous.version, None)
+        self.last_outcome = {
+            "result": "rolled_back",
+            "version": current.version if current else None,
+            "reason": reason,
+        }
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the folder."""

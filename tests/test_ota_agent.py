@@ -50,7 +50,7 @@ def looping(bus_video):
     return {"uri": str(bus_video), "pace": "realtime", "loop": True}
 
 
-def test_update_over_mqtt_with_retained_model_state_and_the_run_cli(
+def test_update_over_mqtt_with_retained_model_state_and_the_cli(
     tmp_path, broker, fp32_model, dynamic_model, golden_set, channel, looping
 ):
     channel.publish(dynamic_model, "1.1.0", golden_set)
