@@ -63,11 +63,15 @@ class ActiveModel:
 
 
 class StageQueue:
-    """A bounded queue whose blocking calls give up when the pipeline stops."""
+    """A bounded queue whose blocking calls give up only when a stage has crashed.
 
-    def __init__(self, maxsize: int, stop: threading.Event) -> None:
+    A plain stop keeps them blocking: frames already in flight must still reach the sinks (a
+    stop used to drop a frame here silently when the next queue was full).
+    """
+
+    def __init__(self, maxsize: int, aborted: threading.Event) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
-        self._stop = stop
+        self._aborted = aborted
 
     def put(self, item: Any) -> None:
         """Block while full (back-pressure); the end marker always gets through."""
@@ -76,7 +80,7 @@ class StageQueue:
                 self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
-                if self._stop.is_set() and item is not _END:
+                if self._aborted.is_set() and item is not _END:
                     return
 
     def put_latest(self, item: Any) -> Any | None:
@@ -129,10 +133,11 @@ class Pipeline:
         self._params_cache: dict[int, DetectionParams] = {}
         self._preprocessors: dict[tuple, Preprocessor] = {}
         self._stop = threading.Event()
+        self._aborted = threading.Event()  # a stage crashed: nothing downstream will drain
         self._done = threading.Event()
-        self._to_preprocess = StageQueue(config.queue_size, self._stop)
-        self._to_infer = StageQueue(config.queue_size, self._stop)
-        self._to_postprocess = StageQueue(config.queue_size, self._stop)
+        self._to_preprocess = StageQueue(config.queue_size, self._aborted)
+        self._to_infer = StageQueue(config.queue_size, self._aborted)
+        self._to_postprocess = StageQueue(config.queue_size, self._aborted)
         self._threads: list[threading.Thread] = []
         # watchdog view: when each stage started its current item (None: waiting for work)
         self.busy_since: dict[str, float | None] = dict.fromkeys(
@@ -234,6 +239,7 @@ class Pipeline:
             except Exception:
                 log.exception("pipeline stage %s crashed", name)
                 self.stats.count("errors")
+                self._aborted.set()
                 self._stop.set()
                 self._done.set()
 

@@ -208,6 +208,22 @@ def test_stop_drains_frames_in_flight(bus_video, tiny_backend):
     )
 
 
+def test_stop_loses_no_frame_waiting_for_a_full_queue(bus_video, tiny_backend):
+    """Inference slower than the queue's put timeout: at stop, preprocess waits on a full queue
+    with a frame in hand; that frame must still come out (it used to vanish, counted nowhere)."""
+    sink = Recorder()
+    pipeline = file_pipeline(
+        bus_video, SlowBackend(tiny_backend, delay=0.25), [sink], config={"queue_size": 1}
+    )
+    pipeline.start()
+    time.sleep(0.8)
+    pipeline.stop()
+    assert pipeline.wait(timeout=20)
+    ids = [r.frame.frame_id for r in sink.results]
+    assert ids == list(range(pipeline.stats.frames_in))
+    assert pipeline.stats.dropped == 0
+
+
 def test_frame_limit_stops_the_source(bus_video, tiny_backend):
     pipeline = file_pipeline(bus_video, tiny_backend, [Recorder()], max_frames=5)
     pipeline.run()
