@@ -109,6 +109,19 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if healthy else EXIT_FAILURE
 
 
+def cmd_target(args: argparse.Namespace) -> int:
+    from agent import targets
+
+    detected = targets.detect()
+    if args.json:
+        data = {**detected.to_dict(), "runs": targets.preferences(detected.target)}
+        print(json.dumps(data, indent=2))
+    else:
+        print(detected.describe())
+        print(f"runs models made for: {', '.join(targets.preferences(detected.target))}")
+    return EXIT_OK
+
+
 # -- model and ota: talk to the running agent, or edit its state while it is stopped --------------
 def _state_dir(args: argparse.Namespace) -> Path:
     if getattr(args, "state_dir", None) is not None:
@@ -210,10 +223,10 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_ota_check(args: argparse.Namespace) -> int:
-    from agent.descriptor import detect_target
     from agent.model_manager import file_request
     from agent.model_store import ModelStore
     from agent.ota import ChannelClient
+    from agent.targets import detect
 
     config = load_config(args.config)
     store = ModelStore(config.state_dir / "models")
@@ -224,7 +237,7 @@ def cmd_ota_check(args: argparse.Namespace) -> int:
     name = config.ota.model_name or (state.active.name if state.active else None)
     if name is None:
         name = load_backend(config.model.backend, config.model.path, config.model).info.model_name
-    target = config.ota.target or detect_target()
+    target = config.ota.target or detect().target
     offer = ChannelClient(config.ota, store.root / "tuf", config.device_id).find(
         name, target, state.active.version if state.active else None, state.pinned, state.rejected
     )
@@ -512,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-age", type=float, default=10.0, help="seconds before a heartbeat is stale"
     )
     health.set_defaults(func=cmd_health)
+
+    target = sub.add_parser(
+        "target", help="this machine's deployment target and the CPU features it rests on"
+    )
+    target.add_argument("--json", action="store_true")
+    target.set_defaults(func=cmd_target)
 
     model = sub.add_parser("model", help="the active model: status, rollback, pin")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)

@@ -10,9 +10,7 @@ which field and why, and changes nothing on the device.
 from __future__ import annotations
 
 import hashlib
-import platform
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -152,27 +150,3 @@ def in_rollout(device_id: str, name: str, version: str, percent: float) -> bool:
     digest = hashlib.sha256(f"{name}/{version}/{device_id}".encode()).digest()
     bucket = int.from_bytes(digest[:8], "big") / 2**64 * 100.0
     return bucket < percent
-
-
-def detect_target(root: Path = Path("/")) -> str:
-    """This device's target class: ``jetson-<module>`` on a Jetson, else ``cpu-<machine>``."""
-    if (root / "etc/nv_tegra_release").exists():
-        try:
-            model = (root / "proc/device-tree/model").read_text(errors="replace").lower()
-        except OSError:
-            model = ""
-        for family in ("orin", "xavier", "nano", "tx2"):
-            if family in model:
-                return f"jetson-{family}"
-        return "jetson"
-    machine = platform.machine().lower()
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-    return f"cpu-{machine}"
-
-
-def target_preferences(target: str) -> list[str]:
-    """Variants this device can run, best first: its own class, then portable CPU builds."""
-    preferences = [target]
-    if target.startswith(("jetson", "rk")) and target != "cpu-aarch64":
-        preferences.append("cpu-aarch64")
-    return preferences

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import failpoints
+from agent import failpoints, targets
 from agent.backends.base import Backend
 from agent.config import AgentConfig
-from agent.descriptor import ModelDescriptor, detect_target, parse
+from agent.descriptor import ModelDescriptor, parse
 from agent.model_store import (
     ModelStore,
     Probation,
@@ -107,7 +107,8 @@ class ModelManager:
         self.loader = loader
         self.store = store or ModelStore(config.state_dir / "models")
         self.client = ChannelClient(config.ota, self.store.root / "tuf", config.device_id)
-        self.target = config.ota.target or detect_target()
+        self.detected = targets.detect()
+        self.target = config.ota.target or self.detected.target
         self.base: SlotRecord | None = None
         self.model_name: str | None = config.ota.model_name
         self._lock = threading.RLock()
@@ -491,13 +492,14 @@ class ModelManager:
         except Exception as exc:
             return self._reject_staged(staged, "load_failed", f"failed to load or warm up: {exc}")
         problems = compatibility_problems(descriptor, backend)
+        details: dict[str, Any] = {}
         if not problems:
             self.progress["stage"] = "self-test"
             result = run_self_test(backend, descriptor.golden, self.ota.self_test_min_recall)
-            problems = result.reasons
+            problems, details = result.reasons, result.details
         if problems:
             backend.close()
-            return self._reject_staged(staged, "self_test_failed", "; ".join(problems))
+            return self._reject_staged(staged, "self_test_failed", "; ".join(problems), **details)
 
         previous_backend = self.active_model()
         with self._lock:
@@ -530,7 +532,9 @@ class ModelManager:
         self.on_change()
         return {"updated": True, "active": staged.version, "state": "probation"}
 
-    def _reject_staged(self, staged: SlotRecord, kind: str, reason: str) -> dict[str, Any]:
+    def _reject_staged(
+        self, staged: SlotRecord, kind: str, reason: str, **details: Any
+    ) -> dict[str, Any]:
         def reject(state: StoreState) -> None:
             state.staged = None
             state.rejected[staged.version] = reason
@@ -550,6 +554,7 @@ class ModelManager:
             "error",
             version=staged.version,
             check=kind,
+            **details,
         )
         self.on_change()
         return {"updated": False, "rejected": staged.version, "kind": kind, "reason": reason}

@@ -23,7 +23,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
-from agent import __version__
+from agent import __version__, targets
 from agent.config import OtaConfig
 from agent.descriptor import (
     INDEX_TARGET,
@@ -35,7 +35,6 @@ from agent.descriptor import (
     in_rollout,
     parse,
     semver_key,
-    target_preferences,
 )
 from agent.fetcher import ChannelFetcher, is_local, local_path
 
@@ -125,7 +124,7 @@ def choose(
                 continue
             if not in_rollout(device_id, release.name, release.version, release.rollout_percent):
                 continue
-        for preferred in target_preferences(target):
+        for preferred in targets.preferences(target):
             if preferred in release.variants:
                 if best is None or semver_key(release.version) > semver_key(best[0].version):
                     best = (release, preferred, release.variants[preferred])

@@ -4,6 +4,10 @@ A golden set (recorded by ``edge-models golden``) holds a few small JPEGs and th
 model gave on exactly those pixels when it was published. The device decodes the same bytes, runs
 its own backend, and expects the same objects back: same classes, boxes overlapping (IoU >= 0.5),
 scores close. A model whose scores collapsed, or that was swapped or corrupted, fails here.
+When the set carries a kernel probe (a static INT8 model's first convolution), the device also
+checks that its own int8 kernels compute that model as it means (``agent.kernel_check``): a model
+made for other kernels (a VNNI model on an AVX2 CPU) is refused even where its detections on a
+few photos still look right.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from agent import targets
 from agent.backends.base import Backend
+from agent.kernel_check import check_kernels
 from agent.postprocess import DetectionParams, box_iou, detect_image
 
 GOLDEN_SCHEMA = "edge-agent/golden/v1"
@@ -26,6 +32,7 @@ class SelfTestResult:
     passed: bool
     recall: float
     reasons: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # for the ota_rejected event
 
 
 def decode_image(entry: dict[str, Any]) -> np.ndarray:
@@ -71,4 +78,32 @@ def run_self_test(
             f"golden self-test recall {recall:.2f} < {min_recall:.2f}: "
             f"{expected_total - matched} of {expected_total} reference detections not reproduced"
         )
-    return SelfTestResult(not reasons, recall, reasons)
+    details: dict[str, Any] = {"recall": round(recall, 4)}
+    probe = golden.get("kernel_probe")
+    if isinstance(probe, dict) and backend.info.backend == "onnxruntime":
+        reasons += _kernel_problems(probe, recall, details)
+    return SelfTestResult(not reasons, recall, reasons, details)
+
+
+def _kernel_problems(probe: dict[str, Any], recall: float, details: dict[str, Any]) -> list[str]:
+    """The kernel probe's verdict, naming this machine's target and features when it fails."""
+    host = targets.detect()
+    try:
+        kernels = check_kernels(str(probe.get("onnx_base64", "")))
+    except ValueError as exc:
+        return [str(exc)]
+    details.update(
+        host.to_dict(),
+        kernel_max_steps=kernels.max_steps,
+        kernel_share_off=round(kernels.share_off, 4),
+        made_for=probe.get("target"),
+    )
+    if kernels.passed:
+        return []
+    made_for = f" (it was made for {probe['target']})" if probe.get("target") else ""
+    return [
+        f"this CPU's int8 kernels do not compute this model as it means{made_for}: its first "
+        f"convolution is off by up to {kernels.max_steps} quantization steps on "
+        f"{kernels.share_off:.0%} of a bright probe, on {host.describe()}; "
+        f"golden recall {recall:.2f}"
+    ]

@@ -20,12 +20,57 @@ from models.errors import FactoryError
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from models.quantize import QuantizeSettings, quantize
+def _host_target() -> str:
+    from agent.targets import detect
 
-    settings = QuantizeSettings(
-        method=args.method, per_channel=args.per_channel, activations=args.activations
+    return detect().target
+
+
+def _made_for(model: Path) -> str | None:
+    """The target an ONNX model records it was made for (``edge-models quantize --target``)."""
+    if model.suffix.lower() != ".onnx":
+        return None
+    import onnx
+
+    try:
+        props = onnx.load(str(model), load_external_data=False).metadata_props
+    except Exception:
+        return None  # the loaders after this say what is wrong with the file
+    return next((p.value for p in props if p.key == "target"), None)
+
+
+def _target_for(model: Path, explicit: str | None) -> str:
+    """The target to verify and ship ``model`` for: ``--target``, else the one it was made for,
+    else this machine's. A model made for other kernels than a target's devices run is refused.
+    """
+    from agent import targets
+    from models.kernels import known_target
+
+    made_for = _made_for(model)
+    target = explicit or made_for or _host_target()
+    known_target(target)
+    if made_for and made_for not in targets.preferences(target):
+        raise FactoryError(
+            f"{model.name} was made for {made_for}; {target} devices do not run {made_for} "
+            f"models (quantize it with --target {target})"
+        )
+    return target
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from models.quantize import quantize
+    from models.recipes import recipe
+
+    target = args.target or _host_target()
+    settings = recipe(
+        target,
+        method=args.method,
+        per_channel=args.per_channel,
+        activations=args.activations,
+        reduce_range=args.reduce_range,
     )
+    if args.target is None:
+        print(f"- target {target} (this machine; --target to choose another)", file=sys.stderr)
     summary = quantize(
         args.model,
         args.calib,
@@ -34,12 +79,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         on_stage=lambda text: print(f"- {text}", file=sys.stderr),
+        target=target,
     )
     size_ratio = args.out.stat().st_size / args.model.stat().st_size
     print(
-        f"wrote {args.out} ({summary['scheme']} QDQ, {summary['method']}, "
-        f"{'per-channel' if summary['per_channel'] else 'per-tensor'}, "
-        f"{summary['calibration_images']} calibration images, {size_ratio:.3f} x the source size)"
+        f"wrote {args.out} for {target} ({summary['scheme']} QDQ, {summary['method']}, "
+        f"{'per-channel' if summary['per_channel'] else 'per-tensor'}, 7-bit weights: "
+        f"{summary['reduce_range']}, {summary['calibration_images']} calibration images, "
+        f"{size_ratio:.3f} x the source size)"
     )
     return EXIT_OK
 
@@ -64,7 +111,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from models.gate import gate_model
+    from models.kernels import verification
 
+    runner = verification(_target_for(args.candidate, args.target), args.unverified_target)
     result = gate_model(
         args.candidate,
         args.reference,
@@ -72,6 +121,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         args.rounds,
         args.max_map_drop,
         args.max_latency_ratio,
+        runner,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -118,7 +168,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _golden_for(args: argparse.Namespace) -> dict:
+def _golden_for(args: argparse.Namespace, runner: object, target: str) -> dict:
     from models.golden import record_golden
 
     if args.golden is not None:
@@ -128,43 +178,53 @@ def _golden_for(args: argparse.Namespace) -> dict:
             raise FactoryError(f"cannot read the golden set {args.golden}: {exc}") from None
     if args.model.suffix.lower() != ".onnx":
         raise FactoryError("--golden-images records with ONNX models only; pass --golden FILE")
-    return record_golden(args.model, args.golden_images)
+    if not args.golden_images:
+        raise FactoryError("the golden self-test set needs --golden-images or --golden FILE")
+    return record_golden(args.model, args.golden_images, runner=runner, target=target)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from models.gate import gate_model
+    from models.kernels import SemanticsRunner, verification
     from models.publish import inspect_onnx, publish
 
-    gate = None
+    evaluated = args.info or args.model
+    target = _target_for(evaluated, args.target)
+    runner = verification(target, args.unverified_target)
+    verified = {"target": target, "kernels": runner.describe()}
+    if isinstance(runner, SemanticsRunner):
+        verified["unverified_target"] = True
+    gate: dict = {}
     if args.no_gate:
         print("WARNING: --no-gate: publishing without the quality gate", file=sys.stderr)
-        gate = {"skipped": True}
+        gate = {"skipped": True, **verified}
     else:
         if args.reference is None or args.data is None:
             raise FactoryError("the quality gate needs --reference and --data (or --no-gate)")
         result = gate_model(
-            args.info or args.model,
+            evaluated,
             args.reference,
             args.data,
             args.rounds,
             args.max_map_drop,
             args.max_latency_ratio,
+            runner,
         )
         if not result.passed:
             print(f"FAIL {args.model.name}: not published", file=sys.stderr)
             for reason in result.reasons:
                 print(f"  - {reason}", file=sys.stderr)
             return EXIT_GATE
-        gate = {"passed": True, "checks": result.checks}
+        gate = {"passed": True, "checks": result.checks, **verified}
     info = inspect_onnx(args.info) if args.info is not None else None
     published = publish(
         args.channel,
         args.keys,
         args.model,
         args.version,
-        _golden_for(args),
+        _golden_for(args, runner, target),
         name=args.name,
-        target=args.target,
+        target=target,
         rollout_percent=args.rollout,
         min_agent_version=args.min_agent_version,
         info=info,
@@ -194,6 +254,20 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        help="devices it is for (default: what the model was made for, else this machine's); "
+        "verified on that target's kernels, here or under emulation",
+    )
+    parser.add_argument(
+        "--unverified-target",
+        action="store_true",
+        help="a target whose kernels cannot run here: judge the model's float semantics "
+        "instead (recorded in the descriptor)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-models",
@@ -219,10 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-channel weight scales (default on)",
     )
     q.add_argument(
+        "--target",
+        help="deployment target (default: this machine's; `edge-agent target` prints it): "
+        "picks the recipe its kernels run fast and right",
+    )
+    q.add_argument(
         "--activations",
         choices=["int8", "uint8"],
-        default="int8",
-        help="int8 = S8S8 (default; aarch64, TensorRT); uint8 = U8S8 (x86-64 ONNX Runtime CPU)",
+        help="override the target's recipe: int8 = S8S8, uint8 = U8S8",
+    )
+    q.add_argument(
+        "--reduce-range",
+        choices=["none", "first", "all"],
+        help="override the target's recipe: 7-bit weights in no, the first, or every conv",
     )
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -265,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="vs the reference model (default 1.10)",
     )
     g.add_argument("--rounds", type=int, default=20)
+    _target_arguments(g)
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_gate)
 
@@ -298,7 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="model file (.onnx, .engine, .rknn)")
     p.add_argument("--version", dest="version", required=True, help="semantic version, 1.2.0")
     p.add_argument("--name", help="model line devices follow (default: the model's name)")
-    p.add_argument("--target", default="cpu-x86_64", help="device class (default cpu-x86_64)")
     p.add_argument("--rollout", type=float, default=100.0, help="percent of devices (100)")
     p.add_argument("--min-agent-version", default=__version__)
     p.add_argument("--info", type=Path, help="for an engine: the ONNX it was built from")
@@ -310,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-latency-ratio", type=float, default=1.10)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--no-gate", action="store_true", help="skip the quality gate (recorded)")
+    _target_arguments(p)
     p.set_defaults(func=cmd_publish)
 
     r = sub.add_parser("rollout", help="change the share of devices a release goes to")

@@ -2,7 +2,9 @@
 
 Everything a device would do is done by the agent's own code (letterbox, backend, decode + NMS),
 so the figures are the device's. Latency is measured interleaved, one inference per model per
-round, so a noisy shared machine slows every model alike.
+round, so a noisy shared machine slows every model alike. A model can be run on another target's
+kernels (``models.kernels``: under emulation); its accuracy is then that target's, and its
+latency is not measured (emulated time says nothing of the device's).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from agent.config import ModelConfig
 from agent.postprocess import Detection, DetectionParams, box_iou, decode
 from agent.preprocess import Preprocessor
 from models.datasets import Dataset
+from models.kernels import KernelRunner
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +59,14 @@ class ModelResult:
     parameters: int
     map50_95: float
     map50: float
-    latency_p50_ms: float
-    latency_p95_ms: float
-    fps: float
+    latency_p50_ms: float | None  # None: run under emulation, not timed
+    latency_p95_ms: float | None
+    fps: float | None
     detections_per_image: float  # at the operating thresholds
     mean_top_score: float  # mean over images of the best score: collapses when scores do
     agreement: float | None = None  # F1 of operating detections against the first model's
     quantization: dict[str, Any] = field(default_factory=dict)
+    kernels: str = "native"  # where its outputs were computed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,20 +187,38 @@ def _inputs(backend: Backend, dataset: Dataset) -> list[tuple[np.ndarray, Any]]:
 
 
 def evaluate(
-    paths: list[Path], dataset: Dataset, latency_rounds: int = 30, threads: int = 0
+    paths: list[Path],
+    dataset: Dataset,
+    latency_rounds: int = 30,
+    threads: int = 0,
+    runners: list[KernelRunner | None] | None = None,
 ) -> list[ModelResult]:
-    """Evaluate every model on ``dataset``; the first is the reference for agreement."""
+    """Evaluate every model on ``dataset``; the first is the reference for agreement.
+
+    ``runners[i]``, when given and not None, computes model i's outputs on its target's kernels;
+    only models run natively are timed.
+    """
+    runners = runners or [None] * len(paths)
     backends = [load_backend("onnxruntime", p, ModelConfig(path=p, threads=threads)) for p in paths]
     try:
         inputs = [_inputs(b, dataset) for b in backends]
         outputs = [
-            [b.infer(t) for t, _ in items] for b, items in zip(backends, inputs, strict=True)
+            runner.run(path, [t for t, _ in items])
+            if runner is not None
+            else [b.infer(t) for t, _ in items]
+            for path, runner, b, items in zip(paths, runners, backends, inputs, strict=True)
         ]
-        latencies = _interleaved_latency(backends, inputs, latency_rounds)
+        timed = [i for i, r in enumerate(runners) if r is None or r.measures_speed]
+        measured = _interleaved_latency(
+            [backends[i] for i in timed], [inputs[i] for i in timed], latency_rounds
+        )
+        latencies: list[list[float] | None] = [None] * len(paths)
+        for i, times in zip(timed, measured, strict=True):
+            latencies[i] = times
         results = []
         operating_ref: list[list[Detection]] | None = None
-        for path, backend, items, raw, times in zip(
-            paths, backends, inputs, outputs, latencies, strict=True
+        for path, backend, items, raw, times, runner in zip(
+            paths, backends, inputs, outputs, latencies, runners, strict=True
         ):
             names = backend.info.class_names
             for_map = [
@@ -220,9 +242,9 @@ def evaluate(
                     parameters=count_parameters(path),
                     map50_95=map50_95,
                     map50=map50,
-                    latency_p50_ms=float(np.percentile(times, 50)),
-                    latency_p95_ms=float(np.percentile(times, 95)),
-                    fps=1000.0 / float(np.mean(times)),
+                    latency_p50_ms=float(np.percentile(times, 50)) if times else None,
+                    latency_p95_ms=float(np.percentile(times, 95)) if times else None,
+                    fps=1000.0 / float(np.mean(times)) if times else None,
                     detections_per_image=sum(len(d) for d in operating) / len(operating),
                     mean_top_score=float(
                         np.mean([max((d.score for d in found), default=0.0) for found in for_map])
@@ -231,6 +253,7 @@ def evaluate(
                     if operating_ref is None
                     else agreement(operating_ref, operating),
                     quantization=quantization,
+                    kernels=runner.describe() if runner is not None else "native",
                 )
             )
             if operating_ref is None:

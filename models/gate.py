@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import FactoryError
+from models.kernels import KernelRunner
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,28 @@ def gate_model(
     rounds: int = 20,
     max_map_drop: float = 1.0,
     max_latency_ratio: float | None = 1.10,
+    runner: KernelRunner | None = None,
 ) -> GateResult:
     """Evaluate ``candidate`` (and ``reference``, unless it is a stored .json result) on
-    ``data`` and judge it. Latency is only judged against a model measured in the same run."""
+    ``data`` and judge it. The candidate runs on ``runner`` (its target's kernels; default this
+    machine's); the float reference runs here, where float kernels compute what they do anywhere.
+    Latency is only judged when both were timed in the same run on this machine's kernels."""
     from models.datasets import load_dataset
     from models.evaluate import evaluate
 
     dataset = load_dataset(data)
     stored = reference.suffix == ".json"
     models = [candidate] if stored else [reference, candidate]
-    results = evaluate(models, dataset, latency_rounds=rounds)
+    runners = [runner] if stored else [None, runner]
+    results = evaluate(models, dataset, latency_rounds=rounds, runners=runners)
     reference_result = stored_reference(reference) if stored else results[0].to_dict()
+    timed = not stored and (runner is None or runner.measures_speed)
     limits = GateLimits(
         max_map_drop_points=max_map_drop,
-        max_latency_ratio=None if stored else max_latency_ratio,
+        max_latency_ratio=max_latency_ratio if timed else None,
     )
-    return check(results[-1].to_dict(), reference_result, limits)
+    result = check(results[-1].to_dict(), reference_result, limits)
+    result.checks["kernels"] = results[-1].kernels
+    if runner is not None:
+        result.checks["target"] = runner.target
+    return result

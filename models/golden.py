@@ -2,7 +2,10 @@
 
 It travels with the model in the channel; the device re-runs it (agent.selftest) before a new
 model goes live. Images are downscaled and re-encoded first, and detections are taken on the
-decoded JPEG, so device and publisher see identical input.
+decoded JPEG, so device and publisher see identical input. Detections are taken on the kernels
+of the target the model ships to (``models.kernels``: here, or under emulation), since those are
+the numbers a device must reproduce. A static INT8 model's set also carries its first convolution
+as a kernel probe (``models.probe``), which the device runs against its own int8 kernels.
 """
 
 from __future__ import annotations
@@ -13,13 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
+import onnx
 
 from agent.backends import load_backend
 from agent.config import ModelConfig
-from agent.postprocess import DetectionParams, detect_image
+from agent.postprocess import DetectionParams, decode
+from agent.preprocess import Preprocessor
 from agent.selftest import GOLDEN_SCHEMA, decode_image
 from models.errors import FactoryError
+from models.kernels import KernelRunner
 from models.outputs import atomic_path, refuse_existing
+from models.probe import first_conv_probe
 
 
 def record_golden(
@@ -28,10 +36,13 @@ def record_golden(
     max_side: int = 480,
     quality: int = 90,
     params: DetectionParams | None = None,
+    runner: KernelRunner | None = None,
+    target: str | None = None,
 ) -> dict[str, Any]:
+    """The golden set of ``model`` on ``images``, detected with ``runner`` (default: here)."""
     params = params or DetectionParams()
     backend = load_backend("onnxruntime", model, ModelConfig(path=model))
-    entries = []
+    entries: list[dict[str, Any]] = []
     try:
         for path in images:
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -47,26 +58,42 @@ def record_golden(
             ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
             if not ok:
                 raise FactoryError(f"cannot encode {path} as JPEG")
-            entry: dict[str, Any] = {
-                "name": path.name,
-                "jpeg_base64": base64.b64encode(jpeg.tobytes()).decode(),
-            }
+            entries.append(
+                {"name": path.name, "jpeg_base64": base64.b64encode(jpeg.tobytes()).decode()}
+            )
+        info = backend.info
+        pre = Preprocessor(info.imgsz, np.dtype(info.input_dtype), pool_size=1)
+        prepared = [
+            pre(decode_image(e), out=np.empty((1, 3, *info.imgsz), info.input_dtype))
+            for e in entries
+        ]
+        tensors = [tensor for tensor, _ in prepared]
+        outputs = runner.run(model, tensors) if runner else [backend.infer(t) for t in tensors]
+        for entry, (_, box), output in zip(entries, prepared, outputs, strict=True):
             entry["detections"] = [
-                d.to_dict() for d in detect_image(backend, decode_image(entry), params)
+                d.to_dict() for d in decode(output, box, params, info.class_names)
             ]
-            entries.append(entry)
     finally:
         backend.close()
     if not any(e["detections"] for e in entries):
         raise FactoryError(
             "the model detects nothing on these images: a golden set needs objects to check"
         )
-    return {
+    golden: dict[str, Any] = {
         "schema": GOLDEN_SCHEMA,
         "model": {"name": backend.info.model_name, "version": backend.info.model_version},
         "params": {"confidence": params.confidence, "iou": params.iou},
         "images": entries,
     }
+    if runner is not None:
+        golden["recorded_on"] = runner.describe()
+    probe = first_conv_probe(onnx.load(str(model), load_external_data=False))
+    if probe is not None:
+        golden["kernel_probe"] = {
+            "onnx_base64": base64.b64encode(probe).decode(),
+            "target": target or backend.info.metadata.get("target"),
+        }
+    return golden
 
 
 def write_golden(golden: dict[str, Any], output: Path, overwrite: bool = False) -> None:

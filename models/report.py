@@ -19,15 +19,25 @@ def table(results: list[ModelResult]) -> str:
     ]
     for r in results:
         agreement = "reference" if r.agreement is None else f"{r.agreement:.3f}"
+        ratio = (
+            r.latency_p50_ms / reference.latency_p50_ms
+            if r.latency_p50_ms is not None and reference.latency_p50_ms
+            else None
+        )
         rows.append(
             f"| {r.name} | {r.scheme} | {r.size_bytes / 1e6:.2f} "
             f"| {r.size_bytes / reference.size_bytes:.3f} "
             f"| {r.parameters / 1e6:.2f} M | {r.map50_95:.4f} | {r.map50:.4f} "
-            f"| {(r.map50_95 - reference.map50_95) * 100:+.2f} | {r.latency_p50_ms:.1f} "
-            f"| {r.latency_p95_ms:.1f} "
-            f"| {r.latency_p50_ms / reference.latency_p50_ms:.3f} | {r.fps:.1f} | {agreement} |"
+            f"| {(r.map50_95 - reference.map50_95) * 100:+.2f} | {_figure(r.latency_p50_ms)} "
+            f"| {_figure(r.latency_p95_ms)} | {_figure(ratio, '.3f')} | {_figure(r.fps)} "
+            f"| {agreement} |"
         )
     return "\n".join(rows)
+
+
+def _figure(value: float | None, spec: str = ".1f") -> str:
+    """A table cell: the figure, or a dash for one not measured (emulated kernels)."""
+    return "—" if value is None else format(value, spec)
 
 
 def write_report(
@@ -77,9 +87,12 @@ def plot(results: list[ModelResult], path: Path) -> None:
     latency = axes[0]
     latency.bar(
         names,
-        [r.latency_p50_ms for r in results],
+        [r.latency_p50_ms or 0.0 for r in results],
         color=colours,
-        yerr=[[0] * len(results), [r.latency_p95_ms - r.latency_p50_ms for r in results]],
+        yerr=[
+            [0] * len(results),
+            [(r.latency_p95_ms or 0.0) - (r.latency_p50_ms or 0.0) for r in results],
+        ],
         capsize=4,
     )
     latency.set_title("latency p50 (bar) to p95 (whisker), ms")
