@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a fresh machine: a virtualenv in .venv with the project and its dev/model extras.
+# Prepare a fresh machine: a virtualenv in .venv with the project and its dev/model extras, at the
+# exact versions of constraints.txt (refresh them with scripts/lock.sh).
 # Idempotent: a second run only re-checks. Sourced by test.sh and demo.sh.
 set -euo pipefail
 
@@ -28,11 +29,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtualenv $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  log "installing edge-agent with dev and models extras (pip)"
+  log "installing edge-agent with dev and models extras (pip, pinned by constraints.txt)"
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,models]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,models]" 2>&1 |
+    grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import agent, onnxruntime, cv2" # fail here, not in the tests, if pip did
   rm -f "$VENV"/.installed-*
   touch "$stamp"

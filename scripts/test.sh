@@ -6,6 +6,8 @@ cd "$ROOT"
 if [ ! -f "$ROOT/../shared/models/yolov8n-coco-fp32.onnx" ] && [ -z "${EDGE_AGENT_SHARED:-}" ]; then
   echo "warning: ../shared not found beside the project; tests that need real data will fail" >&2
 fi
+# the cpu-aarch64 verification environment (ONNX Runtime's aarch64 build under qemu), cached
+bash "$ROOT/scripts/setup-aarch64.sh" >/dev/null
 log "ruff"
 ruff check .
 ruff format --check . >/dev/null

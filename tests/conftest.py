@@ -180,13 +180,44 @@ def calib(shared, tmp_path_factory) -> Path:
     return folder
 
 
+def quantized_for(target: str, fp32_model: Path, calib: Path, folder: Path) -> Path:
+    """The fp32 model quantized with ``target``'s recipe, as `edge-models quantize` makes it."""
+    from models.quantize import quantize
+    from models.recipes import recipe
+
+    out = folder / f"yolov8n-{target}.onnx"
+    quantize(fp32_model, calib, out, recipe(target), progress=False, target=target)
+    return out
+
+
 @pytest.fixture(scope="session")
 def u8s8_model(fp32_model, calib, tmp_path_factory) -> Path:
-    from models.quantize import QuantizeSettings, quantize
+    """The cpu-x86_64 recipe: U8S8, 7-bit weights in the first conv. It computes the same
+    integers on AVX2, VNNI and aarch64 kernels, so it passes the gate on any host."""
+    return quantized_for("cpu-x86_64", fp32_model, calib, tmp_path_factory.mktemp("q"))
 
-    out = tmp_path_factory.mktemp("q") / "yolov8n-u8s8.onnx"
-    quantize(fp32_model, calib, out, QuantizeSettings(activations="uint8"), progress=False)
-    return out
+
+@pytest.fixture(scope="session")
+def u8s8_full_model(fp32_model, calib, tmp_path_factory) -> Path:
+    """The cpu-x86_64-vnni recipe: full-range U8S8, which saturates x86 kernels without VNNI."""
+    return quantized_for("cpu-x86_64-vnni", fp32_model, calib, tmp_path_factory.mktemp("q"))
+
+
+@pytest.fixture(scope="session")
+def aarch64_model(fp32_model, calib, tmp_path_factory) -> Path:
+    """The cpu-aarch64 recipe: S8S8."""
+    return quantized_for("cpu-aarch64", fp32_model, calib, tmp_path_factory.mktemp("q"))
+
+
+@pytest.fixture(scope="session")
+def aarch64_runner():
+    """ONNX Runtime's aarch64 kernels under qemu; fails (never skips) when not set up."""
+    from models.kernels import UnverifiableTarget, runner_for
+
+    try:
+        return runner_for("cpu-aarch64")
+    except UnverifiableTarget as exc:
+        pytest.fail(f"this test needs the aarch64 emulation environment: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,9 @@ from agent.descriptor import (
     ChannelFormatError,
     ChannelIndex,
     check_target_path,
-    detect_target,
     in_rollout,
     parse,
     semver_key,
-    target_preferences,
 )
 from agent.ota import choose
 
@@ -58,16 +56,6 @@ def test_rollout_is_stable_and_only_grows_with_the_percentage():
 @given(st.text(min_size=1, max_size=40))
 def test_no_device_is_in_a_zero_percent_rollout(device_id):
     assert not in_rollout(device_id, "m", "1.0.0", 0.0)
-
-
-def test_target_detection_names_jetsons_and_cpus(tmp_path):
-    (tmp_path / "etc").mkdir()
-    (tmp_path / "proc/device-tree").mkdir(parents=True)
-    assert detect_target(tmp_path).startswith("cpu-")
-    (tmp_path / "etc/nv_tegra_release").write_text("# R36 (release)")
-    (tmp_path / "proc/device-tree/model").write_text("NVIDIA Jetson AGX Orin Developer Kit\0")
-    assert detect_target(tmp_path) == "jetson-orin"
-    assert target_preferences("jetson-orin") == ["jetson-orin", "cpu-aarch64"]
 
 
 def _index(*releases: dict) -> ChannelIndex:

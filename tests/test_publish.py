@@ -42,7 +42,7 @@ def test_keys_init_makes_private_keys_and_a_signed_channel_and_never_overwrites(
 
 
 def test_publish_runs_the_gate_first_and_refuses_a_collapsed_model(
-    tmp_path, fp32_model, u8s8_model, collapsed_model, shared
+    tmp_path, fp32_model, u8s8_model, aarch64_model, collapsed_model, shared
 ):
     keys, channel = tmp_path / "keys", tmp_path / "channel"
     assert models_cli("keys", "init", "--keys", keys, "--channel", channel).returncode == 0
@@ -75,7 +75,7 @@ def test_publish_runs_the_gate_first_and_refuses_a_collapsed_model(
 
     # a second target for the same version; other bytes under an existing one are refused
     arm = models_cli(
-        "publish", *common, "--model", u8s8_model, "--version", "1.0.0",
+        "publish", *common, "--model", aarch64_model, "--version", "1.0.0",
         "--target", "cpu-aarch64", "--no-gate", "--golden-images", *images,
     )  # fmt: skip
     assert arm.returncode == 0, arm.stderr
