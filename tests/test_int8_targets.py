@@ -43,9 +43,7 @@ def metadata(model: Path) -> dict[str, str]:
 # -- quantize --target --------------------------------------------------------------------------
 def test_quantize_defaults_to_this_machines_target_and_records_it(fp32_model, calib, tmp_path):
     out = tmp_path / "int8.onnx"
-    made = models_cli(
-        "quantize", "--model", fp32_model, "--calib", calib, "--out", out, "--quiet"
-    )
+    made = models_cli("quantize", "--model", fp32_model, "--calib", calib, "--out", out, "--quiet")
     assert made.returncode == 0, made.stderr
     assert f"for {HOST.target}" in made.stdout and "(this machine" in made.stderr
     assert metadata(out)["target"] == HOST.target
@@ -241,9 +239,7 @@ def test_the_golden_set_carries_the_first_conv_as_a_small_kernel_probe(u8s8_mode
     assert check_kernels(probe["onnx_base64"]).max_steps <= 1  # exact on every CPU
 
 
-def test_the_device_self_test_refuses_a_model_its_int8_kernels_get_wrong(
-    u8s8_full_model, shared
-):
+def test_the_device_self_test_refuses_a_model_its_int8_kernels_get_wrong(u8s8_full_model, shared):
     """The full-range model's golden set records its meaning (as a VNNI publisher would see it).
     A CPU without VNNI computes other numbers: the self-test must say so, naming the target,
     the features and the recall; elsewhere it passes."""

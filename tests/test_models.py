@@ -64,7 +64,7 @@ def test_quantized_model_carries_metadata_and_is_small(u8s8_model, fp32_model):
     settings = json.loads(backend.info.metadata["quantization"])
     assert settings["scheme"] == "U8S8" and settings["format"] == "QDQ"
     assert settings["method"] == "minmax" and settings["per_channel"] is True
-    assert settings["calibration_images"] == 16
+    assert settings["calibration_images"] == 32
     assert u8s8_model.stat().st_size <= 0.3 * fp32_model.stat().st_size
     image = cv2.imread(str(ROOT.parent / "shared" / "images" / "bus.jpg"))
     from agent.postprocess import DetectionParams
@@ -240,14 +240,22 @@ def test_quantize_refuses_bad_input_and_leaves_nothing_behind(problem, fp32_mode
         assert not out.exists()
 
 
-def test_quantize_cli_defaults_to_s8s8_with_a_progress_bar(fp32_model, calib, tmp_path):
+def test_quantize_cli_defaults_to_this_machines_recipe_with_a_progress_bar(
+    fp32_model, calib, tmp_path
+):
+    from agent.targets import detect
+    from models.quantize import scheme_name
+    from models.recipes import recipe
+
     out = tmp_path / "int8.onnx"
     result = run_models(
         "quantize", "--model", str(fp32_model), "--calib", str(calib), "--out", str(out)
     )
     assert result.returncode == 0, result.stderr
-    assert "S8S8 QDQ" in result.stdout and "calibrating" in result.stderr
-    assert json.loads(onnx.load(str(out)).metadata_props[-1].value)["scheme"] == "S8S8"
+    scheme = scheme_name(recipe(detect().target))
+    assert f"{scheme} QDQ" in result.stdout and "calibrating" in result.stderr
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(metadata["quantization"])["scheme"] == scheme
 
 
 @pytest.mark.parametrize(

@@ -58,9 +58,7 @@ def test_avx_vnni_and_amx_count_as_vnni(flag):
 
 
 def test_a_jetson_orin_is_its_own_target_and_falls_back_to_aarch64(tmp_path):
-    root = machine(
-        tmp_path, "jetson-orin.txt", "NVIDIA Jetson AGX Orin Developer Kit", tegra=True
-    )
+    root = machine(tmp_path, "jetson-orin.txt", "NVIDIA Jetson AGX Orin Developer Kit", tegra=True)
     detected = targets.detect(root, "aarch64")
     assert detected.target == "jetson-orin" and detected.cpu == "Cortex-A78AE"
     assert detected.accelerators == ("jetson-orin",)
