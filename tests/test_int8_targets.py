@@ -36,6 +36,15 @@ def photos(shared: Path) -> list[Path]:
     return [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"]
 
 
+def first_descriptor(channel: Path, keys: Path, target: str) -> dict:
+    """The descriptor of the first release's ``target`` variant, as the channel signed it."""
+    from models.publish import open_repository
+
+    release = index_of(channel, keys).releases[0]
+    with open_repository(channel, keys) as repo:
+        return json.loads(repo.read_target(release.variants[target].descriptor))
+
+
 def metadata(model: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(model)).metadata_props}
 
@@ -156,11 +165,7 @@ def test_publish_for_aarch64_gates_on_the_aarch64_kernels_and_says_so(
     )  # fmt: skip
     assert published.returncode == 0, published.stderr
     assert "for cpu-aarch64" in published.stdout
-    from models.publish import open_repository
-
-    release = index_of(channel, keys).releases[0]
-    with open_repository(channel, keys) as repo:
-        descriptor = json.loads(repo.read_target(release.variants["cpu-aarch64"].descriptor))
+    descriptor = first_descriptor(channel, keys, "cpu-aarch64")
     gate = descriptor["gate"]
     assert gate["passed"] and gate["target"] == "cpu-aarch64"
     assert "qemu-aarch64" in gate["kernels"] and "latency_ratio" not in gate["checks"]
@@ -221,11 +226,7 @@ def test_unverified_target_is_published_on_the_models_semantics_and_recorded(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "WARNING: --unverified-target" in done.stderr
-    from models.publish import open_repository
-
-    release = index_of(channel, keys).releases[0]
-    with open_repository(channel, keys) as repo:
-        descriptor = json.loads(repo.read_target(release.variants["jetson-orin"].descriptor))
+    descriptor = first_descriptor(channel, keys, "jetson-orin")
     assert descriptor["gate"]["unverified_target"] is True
     assert descriptor["gate"]["kernels"].startswith("unverified")
 
