@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,27 +38,41 @@ def probe_frames(side: int = PROBE_SIDE) -> list[np.ndarray]:
     ]
 
 
+def cpu_session(model: bytes | str, fused: bool, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session: ``fused`` runs this CPU's int8 kernels; otherwise graph
+    optimizations are off and a QDQ model runs as the float arithmetic it means.
+
+    Raises:
+        ValueError: ONNX Runtime cannot load ``model``.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if fused
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own pybind types
+        raise ValueError(f"cannot be loaded: {exc}") from None
+
+
 def check_kernels(probe_base64: str, threads: int = 1) -> KernelCheck:
     """Run the probe with this CPU's fused int8 kernels and as plain float semantics; compare.
 
     Raises:
         ValueError: the probe is not a model ONNX Runtime can load.
     """
-    import onnxruntime as ort
-
     probe = base64.b64decode(probe_base64)
-
-    def session(level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.intra_op_num_threads = threads
-        try:
-            return ort.InferenceSession(probe, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own pybind types
-            raise ValueError(f"the kernel probe cannot be loaded: {exc}") from None
-
-    fused = session(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    meant = session(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    try:
+        fused = cpu_session(probe, fused=True, threads=threads)
+        meant = cpu_session(probe, fused=False, threads=threads)
+    except ValueError as exc:
+        raise ValueError(f"the kernel probe {exc}") from None
     name = fused.get_inputs()[0].name
     worst, off, total = 0, 0, 0
     for frame in probe_frames():

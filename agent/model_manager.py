@@ -107,8 +107,7 @@ class ModelManager:
         self.loader = loader
         self.store = store or ModelStore(config.state_dir / "models")
         self.client = ChannelClient(config.ota, self.store.root / "tuf", config.device_id)
-        self.detected = targets.detect()
-        self.target = config.ota.target or self.detected.target
+        self.target = config.ota.target or targets.detect().target
         self.base: SlotRecord | None = None
         self.model_name: str | None = config.ota.model_name
         self._lock = threading.RLock()

@@ -203,7 +203,7 @@ def evaluate(
     try:
         inputs = [_inputs(b, dataset) for b in backends]
         outputs = [
-            runner.run(path, [t for t, _ in items])
+            runner.run(path, [t for t, _ in items], b)
             if runner is not None
             else [b.infer(t) for t, _ in items]
             for path, runner, b, items in zip(paths, runners, backends, inputs, strict=True)

@@ -68,7 +68,9 @@ def record_golden(
             for e in entries
         ]
         tensors = [tensor for tensor, _ in prepared]
-        outputs = runner.run(model, tensors) if runner else [backend.infer(t) for t in tensors]
+        outputs = (
+            runner.run(model, tensors, backend) if runner else [backend.infer(t) for t in tensors]
+        )
         for entry, (_, box), output in zip(entries, prepared, outputs, strict=True):
             entry["detections"] = [
                 d.to_dict() for d in decode(output, box, params, info.class_names)

@@ -31,6 +31,8 @@ from typing import Protocol
 import numpy as np
 
 from agent import targets
+from agent.backends.base import Backend
+from agent.kernel_check import cpu_session
 from agent.targets import Detected
 from models.errors import FactoryError
 
@@ -49,7 +51,12 @@ class KernelRunner(Protocol):
 
     def describe(self) -> str: ...
 
-    def run(self, model: Path, tensors: list[np.ndarray]) -> list[np.ndarray]: ...
+    def run(
+        self, model: Path, tensors: list[np.ndarray], loaded: Backend | None = None
+    ) -> list[np.ndarray]:
+        """Raw outputs of ``model`` on these kernels; ``loaded`` is the caller's backend of the
+        same model in this process, which a native runner uses instead of loading another."""
+        ...
 
 
 @dataclass
@@ -63,7 +70,11 @@ class NativeRunner:
     def describe(self) -> str:
         return f"native: {self.host.describe()}"
 
-    def run(self, model: Path, tensors: list[np.ndarray]) -> list[np.ndarray]:
+    def run(
+        self, model: Path, tensors: list[np.ndarray], loaded: Backend | None = None
+    ) -> list[np.ndarray]:
+        if loaded is not None:
+            return [loaded.infer(t) for t in tensors]
         from agent.backends import load_backend
         from agent.config import ModelConfig
 
@@ -89,7 +100,9 @@ class EmulatedRunner:
         where = f", sysroot {self.sysroot}" if self.sysroot else ""
         return f"emulated: {Path(self.qemu).name} -cpu {self.cpu}{where} (accuracy only)"
 
-    def run(self, model: Path, tensors: list[np.ndarray]) -> list[np.ndarray]:
+    def run(
+        self, model: Path, tensors: list[np.ndarray], loaded: Backend | None = None
+    ) -> list[np.ndarray]:
         command = [self.qemu, "-cpu", self.cpu]
         env = dict(os.environ)
         if self.sysroot is not None:
@@ -135,12 +148,13 @@ class SemanticsRunner:
     def describe(self) -> str:
         return f"unverified: {self.target} kernels not run here; the model's float semantics"
 
-    def run(self, model: Path, tensors: list[np.ndarray]) -> list[np.ndarray]:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    def run(
+        self, model: Path, tensors: list[np.ndarray], loaded: Backend | None = None
+    ) -> list[np.ndarray]:
+        try:
+            session = cpu_session(str(model), fused=False)
+        except ValueError as exc:
+            raise FactoryError(f"{model} {exc}") from None
         name = session.get_inputs()[0].name
         return [session.run(None, {name: t})[0] for t in tensors]
 

@@ -34,7 +34,7 @@ DEB_PACKAGES=(libc6 libgcc-s1 libstdc++6 zlib1g libexpat1 libffi8 libssl3 libbz2
   libkrb5-3 libk5crypto3 libkrb5support0 libkeyutils1 libcom-err2)
 PY_PACKAGES=("onnxruntime==$ORT_VERSION" "numpy==$NUMPY_VERSION" "flatbuffers==$(pin flatbuffers)"
   "packaging==$(pin packaging)" "protobuf==$(pin protobuf)")
-KEY="$(printf '%s\n' "ort=$ORT_VERSION" "numpy=$NUMPY_VERSION" "${DEB_PACKAGES[@]}" |
+KEY="$(printf '%s\n' "${PY_PACKAGES[@]}" "${DEB_PACKAGES[@]}" |
   sha256sum | cut -c1-12)"
 SYSROOT="${EDGE_AGENT_AARCH64_SYSROOT:-$CACHE/aarch64-$KEY}"
 
