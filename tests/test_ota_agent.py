@@ -161,12 +161,16 @@ def test_sigkill_at_any_phase_restarts_consistently_and_finishes_the_update(
     server = Nginx(
         tmp_path / "nginx", channel.folder, rate="400k" if phase == "download" else "0"
     ).start()
+    # crash consistency is the subject here, not probation's timing verdict (test_probation and
+    # the rollback tests own that): the shared dynamic model is ~1.2x slower than fp32 on this
+    # CPU, and a p95 over 15 frames just after a load on 2 shared cores is noise, not a verdict
+    timing = {"max_p95_ratio": 10.0, "max_late_increase": 1.0}
     probation = {"frames": 100_000, "seconds": 600} if phase == "probation" else {}
     settings = ota_settings(
         channel,
         server.url,
         first_check_s=0,
-        probation={"frames": 15, "seconds": 30, "min_frames": 5, **probation},
+        probation={"frames": 15, "seconds": 30, "min_frames": 5, **timing, **probation},
     )
     config = agent_config(tmp_path, fp32_model, looping, ota=settings)
     failpoints = {"staging": "staging=30", "swap": "swap=30"}.get(phase, "")
@@ -203,7 +207,12 @@ def test_sigkill_at_any_phase_restarts_consistently_and_finishes_the_update(
     server.stop()
     server.rate = "0"
     server.start()
-    settings = ota_settings(channel, server.url, first_check_s=0)
+    settings = ota_settings(
+        channel,
+        server.url,
+        first_check_s=0,
+        probation={"frames": 15, "seconds": 30, "min_frames": 5, **timing},
+    )
     restarted = AgentProcess(agent_config(tmp_path, fp32_model, looping, ota=settings))
     try:
         wait_until(
