@@ -16,12 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import Backend
 from agent.config import DetectionConfig, PipelineConfig
-from agent.pipeline import Pipeline
-from agent.postprocess import DetectionParams, decode
-from agent.preprocess import Preprocessor
-from agent.sources import FrameSource
+from agent.vision import Backend, DetectionParams, FrameSource, Pipeline, Preprocessor, decode
 
 
 def bare_inference(backend: Backend, frames: int, warmup: int = 3) -> dict[str, float]:

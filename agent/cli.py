@@ -20,7 +20,6 @@ import cv2
 import yaml
 
 from agent import __version__
-from agent.backends import load_backend
 from agent.config import (
     AgentConfig,
     ConfigError,
@@ -31,8 +30,7 @@ from agent.config import (
     redacted,
 )
 from agent.errors import AgentError, ImageError
-from agent.postprocess import DetectionParams, detect_image
-from agent.preprocess import Preprocessor
+from agent.vision import DetectionParams, Preprocessor, detect_image, load_backend
 
 log = logging.getLogger("edge-agent")
 
@@ -362,8 +360,7 @@ def print_bench(report: dict[str, Any]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.pipeline import ActiveModel, Pipeline
-    from agent.sinks import StdoutSink
+    from agent.vision import ActiveModel, Pipeline, StdoutSink
 
     _setup_logging("WARNING")
     model_path = _demo_model(args)

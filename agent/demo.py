@@ -125,7 +125,7 @@ def open_demo_source(uri: str | None, shared: Path | None, pace: str):
         LookupError: no ``uri`` and no shared data folder to build the video from.
     """
     from agent.config import SourceConfig
-    from agent.sources import open_source
+    from agent.vision import open_source
 
     if uri is None:
         uri = str(synthesise_video(demo_images(require_shared_dir(shared)), cache_dir()))

@@ -8,10 +8,9 @@ import time
 from typing import Any
 
 from agent import __version__
-from agent.backends.base import BackendInfo
+from agent.vision import BackendInfo
 
 STATUS = "edge-agent/status/v1"
-DETECTIONS = "edge-agent/detections/v1"
 TELEMETRY = "edge-agent/telemetry/v1"
 EVENT = "edge-agent/event/v1"
 COMMAND_RESULT = "edge-agent/command-result/v1"

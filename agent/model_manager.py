@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from agent import failpoints, targets
-from agent.backends.base import Backend
 from agent.config import AgentConfig
 from agent.descriptor import ModelDescriptor, parse
 from agent.model_store import (
@@ -39,7 +38,7 @@ from agent.model_store import (
 from agent.ota import ChannelClient, Offer, OtaError
 from agent.probation import judge
 from agent.selftest import run_self_test
-from agent.telemetry import ModelStats
+from agent.vision import Backend, ModelStats
 
 log = logging.getLogger(__name__)
 

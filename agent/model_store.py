@@ -30,8 +30,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import failpoints
-from agent.backends.base import file_digest
 from agent.errors import AgentError
+from agent.vision import file_digest
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import ProbationConfig
-from agent.telemetry import ModelStats
+from agent.vision import ModelStats
 
 MIN_BASELINE_FRAMES = 10  # fewer frames from the previous model: nothing to compare with
 

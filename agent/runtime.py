@@ -20,18 +20,22 @@ import cv2
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__
-from agent.backends import load_backend
 from agent.config import AgentConfig, ConfigError, MqttConfig, load_config
 from agent.descriptor import SemVer
 from agent.messages import TELEMETRY, encode, event, model_ref, status
 from agent.model_manager import ManagerError, ModelManager, with_identity
 from agent.notify import Notifier
 from agent.outbox import Outbox
-from agent.pipeline import ActiveModel, Pipeline
-from agent.postprocess import resolve_classes
 from agent.probes import SystemProbes
-from agent.sinks import FrameResult, build_sinks
-from agent.sources import open_source
+from agent.vision import (
+    ActiveModel,
+    FrameResult,
+    Pipeline,
+    build_sinks,
+    load_backend,
+    open_source,
+    resolve_classes,
+)
 from agent.watchdog import Supervisor
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,8 @@ import cv2
 import numpy as np
 
 from agent import targets
-from agent.backends.base import Backend
 from agent.kernel_check import check_kernels
-from agent.postprocess import DetectionParams, box_iou, detect_image
+from agent.vision import Backend, DetectionParams, box_iou, detect_image
 
 GOLDEN_SCHEMA = "edge-agent/golden/v1"
 

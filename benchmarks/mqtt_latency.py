@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import shared_dir_or_exit
 
-from agent.backends import load_backend
 from agent.config import ModelConfig, build_config
 from agent.demo import DEMO_MODEL, open_demo_source
-from agent.preprocess import Preprocessor
 from agent.runtime import Agent, MqttSink
+from agent.vision.backends import load_backend
+from agent.vision.preprocess import Preprocessor
 from tests.brokers import Mosquitto, Subscriber
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from common import shared_dir_or_exit
 
-from agent.backends import load_backend
 from agent.bench import run_benchmark
 from agent.cli import print_bench
 from agent.config import ModelConfig
 from agent.demo import DEMO_MODEL, open_demo_source
+from agent.vision.backends import load_backend
 
 
 def main() -> int:

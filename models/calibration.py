@@ -14,8 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.preprocess import Preprocessor
-from agent.sources import IMAGE_SUFFIXES
+from agent.vision.preprocess import Preprocessor
+from agent.vision.sources import IMAGE_SUFFIXES
 from models.errors import FactoryError
 
 log = logging.getLogger(__name__)

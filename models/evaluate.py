@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 import onnx
 
-from agent.backends import load_backend
-from agent.backends.base import Backend
 from agent.config import ModelConfig
-from agent.postprocess import Detection, DetectionParams, box_iou, decode
-from agent.preprocess import Preprocessor
+from agent.vision.backends import load_backend
+from agent.vision.backends.base import Backend
+from agent.vision.postprocess import Detection, DetectionParams, box_iou, decode
+from agent.vision.preprocess import Preprocessor
 from models.datasets import Dataset
 from models.kernels import KernelRunner
 

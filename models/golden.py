@@ -19,11 +19,11 @@ import cv2
 import numpy as np
 import onnx
 
-from agent.backends import load_backend
 from agent.config import ModelConfig
-from agent.postprocess import DetectionParams, decode
-from agent.preprocess import Preprocessor
 from agent.selftest import GOLDEN_SCHEMA, decode_image
+from agent.vision.backends import load_backend
+from agent.vision.postprocess import DetectionParams, decode
+from agent.vision.preprocess import Preprocessor
 from models.errors import FactoryError
 from models.kernels import KernelRunner
 from models.outputs import atomic_path, refuse_existing

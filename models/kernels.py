@@ -31,9 +31,9 @@ from typing import Protocol
 import numpy as np
 
 from agent import targets
-from agent.backends.base import Backend
 from agent.kernel_check import cpu_session
 from agent.targets import Detected
+from agent.vision.backends.base import Backend
 from models.errors import FactoryError
 
 INFERENCE_SCRIPT = Path(__file__).with_name("emulated_inference.py")
@@ -75,8 +75,8 @@ class NativeRunner:
     ) -> list[np.ndarray]:
         if loaded is not None:
             return [loaded.infer(t) for t in tensors]
-        from agent.backends import load_backend
         from agent.config import ModelConfig
+        from agent.vision.backends import load_backend
 
         backend = load_backend("onnxruntime", model, ModelConfig(path=model))
         try:

@@ -36,7 +36,6 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from agent import __version__
-from agent.backends.base import BackendInfo
 from agent.descriptor import (
     DESCRIPTOR_SCHEMA,
     INDEX_SCHEMA,
@@ -49,6 +48,7 @@ from agent.descriptor import (
     check_semver,
     parse,
 )
+from agent.vision.backends.base import BackendInfo
 from models.errors import FactoryError
 from models.keys import ONLINE_ROLES, key_path, load_signer
 
@@ -200,8 +200,8 @@ def inspect_onnx(path: Path) -> BackendInfo:
     import onnx
     import onnx.shape_inference
 
-    from agent.backends.base import file_digest, resolve_detect_head
-    from agent.backends.onnxruntime import QUANTIZED_OPS
+    from agent.vision.backends.base import file_digest, resolve_detect_head
+    from agent.vision.backends.onnxruntime import QUANTIZED_OPS
 
     try:
         model = onnx.load(str(path), load_external_data=False)

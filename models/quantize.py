@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from agent.backends import load_backend
-from agent.backends.base import file_digest
 from agent.config import ModelConfig
+from agent.vision.backends import load_backend
+from agent.vision.backends.base import file_digest
 from models.calibration import calibration_images, tensors
 from models.errors import FactoryError, ModelError
 from models.outputs import atomic_path, refuse_existing

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.backends import load_backend
 from agent.config import ModelConfig
+from agent.vision.backends import load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 

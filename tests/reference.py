@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.preprocess import PAD_VALUE, Letterbox
+from agent.vision.preprocess import PAD_VALUE, Letterbox
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -3,10 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.backends import available_backends, load_backend
-from agent.backends.onnxruntime import resolve_providers
 from agent.config import ModelConfig
 from agent.errors import BackendUnavailable, ModelError
+from agent.vision.backends import available_backends, load_backend
+from agent.vision.backends.onnxruntime import resolve_providers
 from tests import models_for_tests
 
 
@@ -119,7 +119,7 @@ def test_no_usable_provider_is_an_error():
 
 
 def test_warmup_runs_happen_at_load(tmp_path, monkeypatch):
-    from agent.backends.onnxruntime import OnnxRuntimeBackend
+    from agent.vision.backends.onnxruntime import OnnxRuntimeBackend
 
     calls = []
     original = OnnxRuntimeBackend.infer

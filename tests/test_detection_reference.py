@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.postprocess import DetectionParams, decode
-from agent.preprocess import Preprocessor
+from agent.vision.postprocess import DetectionParams, decode
+from agent.vision.preprocess import Preprocessor
 from tests.reference import iou, reference_detect, yolo_labels
 
 

@@ -16,12 +16,12 @@ import onnx
 import pytest
 
 from agent import targets
-from agent.backends import load_backend
 from agent.config import ModelConfig
 from agent.kernel_check import check_kernels, probe_frames
-from agent.postprocess import DetectionParams, decode
-from agent.preprocess import Preprocessor
 from agent.selftest import run_self_test
+from agent.vision.backends import load_backend
+from agent.vision.postprocess import DetectionParams, decode
+from agent.vision.preprocess import Preprocessor
 from models.golden import record_golden
 from models.kernels import EmulatedRunner, SemanticsRunner, runner_for
 from models.probe import first_conv_probe

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends import load_backend
-from agent.backends.base import file_digest
 from agent.config import build_config
 from agent.model_manager import ModelManager
 from agent.model_store import ModelStore, Probation, SlotRecord, StoreError, write_atomic
+from agent.vision.backends import load_backend
+from agent.vision.backends.base import file_digest
 
 
 class Events:

@@ -9,9 +9,9 @@ import cv2
 import onnx
 import pytest
 
-from agent.backends import load_backend
 from agent.config import ModelConfig
 from agent.selftest import run_self_test
+from agent.vision.backends import load_backend
 from models.datasets import load_dataset
 from models.evaluate import evaluate
 from models.gate import GateLimits, check
@@ -67,8 +67,8 @@ def test_quantized_model_carries_metadata_and_is_small(u8s8_model, fp32_model):
     assert settings["calibration_images"] == 32
     assert u8s8_model.stat().st_size <= 0.3 * fp32_model.stat().st_size
     image = cv2.imread(str(ROOT.parent / "shared" / "images" / "bus.jpg"))
-    from agent.postprocess import DetectionParams
-    from agent.postprocess import detect_image as detect
+    from agent.vision.postprocess import DetectionParams
+    from agent.vision.postprocess import detect_image as detect
 
     labels = sorted(d.label for d in detect(backend, image, DetectionParams()))
     assert labels.count("person") >= 3 and "bus" in labels

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends.base import file_digest
 from agent.config import OtaConfig
 from agent.descriptor import INDEX_TARGET
 from agent.ota import ChannelClient, OtaError
+from agent.vision.backends.base import file_digest
 from models.publish import open_repository
 from tests.channel_server import Nginx
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from agent.backends import load_backend
 from agent.config import DetectionConfig, ModelConfig, PipelineConfig, SourceConfig
-from agent.pipeline import ActiveModel, Pipeline
-from agent.sources import open_source
+from agent.vision.backends import load_backend
+from agent.vision.pipeline import ActiveModel, Pipeline
+from agent.vision.sources import open_source
 from tests import models_for_tests
 from tests.test_sources import ScriptedCapture, live
 

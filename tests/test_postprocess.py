@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.postprocess import DetectionParams, decode, resolve_classes
-from agent.preprocess import Letterbox
+from agent.vision.postprocess import DetectionParams, decode, resolve_classes
+from agent.vision.preprocess import Letterbox
 from tests.reference import brute_force_nms
 
 NAMES = {i: f"class{i}" for i in range(5)}

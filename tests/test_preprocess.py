@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.preprocess import PAD_VALUE, Letterbox, Preprocessor
+from agent.vision.preprocess import PAD_VALUE, Letterbox, Preprocessor
 from tests.reference import reference_tensor
 
 sizes = st.integers(min_value=1, max_value=5000)

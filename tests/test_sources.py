@@ -8,7 +8,7 @@ import pytest
 
 from agent.config import SourceConfig
 from agent.errors import SourceError
-from agent.sources import LiveSource, backoff_delays, detect_kind, open_source
+from agent.vision.sources import LiveSource, backoff_delays, detect_kind, open_source
 from tests.conftest import write_video
 
 

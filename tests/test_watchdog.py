@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends import load_backend
 from agent.config import ModelConfig, build_config
 from agent.notify import Notifier
 from agent.runtime import Agent
+from agent.vision.backends import load_backend
 from agent.watchdog import RestartGuard
 from tests import models_for_tests
 from tests.conftest import AgentProcess, agent_config, run_cli
@@ -253,7 +253,7 @@ def test_ort_runs_really_stop_when_cancelled(fp32_backend):
 
 def scripted_live_agent(tmp_path, tiny, monkeypatch, captures, source: dict, watchdog: dict):
     """An Agent on a scripted live source (real LiveSource code), reopened from ``captures``."""
-    from agent.sources import LiveSource
+    from agent.vision.sources import LiveSource
 
     tiny_path, inner = tiny
     scripted = iter(captures)

@@ -76,7 +76,7 @@ Loader = Callable[[Path, Any], Backend]
 
 # name -> module that registers it when imported
 BACKEND_MODULES: dict[str, str] = {
-    "onnxruntime": "agent.backends.onnxruntime",
+    "onnxruntime": "agent.vision.backends.onnxruntime",
 }
 _LOADERS: dict[str, Loader] = {}
 

@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.preprocess import Letterbox, Preprocessor
+from agent.vision.preprocess import Letterbox, Preprocessor
 
 
 @dataclass(frozen=True, slots=True)

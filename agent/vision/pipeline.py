@@ -22,14 +22,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.backends.base import Backend
 from agent.config import DetectionConfig, PipelineConfig
 from agent.errors import SourceError
-from agent.postprocess import DetectionParams, decode
-from agent.preprocess import Letterbox, Preprocessor
-from agent.sinks import FrameResult, Sink
-from agent.sources import Frame, FrameSource
-from agent.telemetry import PipelineStats
+from agent.vision.backends.base import Backend
+from agent.vision.postprocess import DetectionParams, decode
+from agent.vision.preprocess import Letterbox, Preprocessor
+from agent.vision.sinks import FrameResult, Sink
+from agent.vision.sources import Frame, FrameSource
+from agent.vision.stats import PipelineStats
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from agent.backends.base import (
+from agent.errors import BackendUnavailable, ModelError
+from agent.vision.backends.base import (
     BackendInfo,
     file_digest,
     register,
     resolve_detect_head,
 )
-from agent.errors import BackendUnavailable, ModelError
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from agent.backends.base import BackendInfo
 from agent.config import SinksConfig
-from agent.messages import DETECTIONS
-from agent.postprocess import Detection
-from agent.sources import Frame
+from agent.vision.backends.base import BackendInfo
+from agent.vision.postprocess import Detection
+from agent.vision.sources import Frame
 
 log = logging.getLogger(__name__)
+
+DETECTIONS = "edge-agent/detections/v1"  # schema id of a detections record, on every sink
 
 
 @dataclass(slots=True)

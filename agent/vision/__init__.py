@@ -1,0 +1,49 @@
+"""The detection core: frames in, detections out (sources, letterbox, backends, decode, loop).
+
+The names below are what the other wings and the wiring use; the machinery stays in the modules.
+This wing imports only ``agent.config`` and ``agent.errors``: it knows nothing of MQTT or OTA.
+"""
+
+from agent.vision.backends import Backend, BackendInfo, available_backends, load_backend
+from agent.vision.backends.base import file_digest
+from agent.vision.pipeline import ActiveModel, Pipeline
+from agent.vision.postprocess import (
+    Detection,
+    DetectionParams,
+    box_iou,
+    decode,
+    detect_image,
+    resolve_classes,
+)
+from agent.vision.preprocess import Letterbox, Preprocessor
+from agent.vision.sinks import DETECTIONS, FrameResult, Sink, StdoutSink, build_sinks
+from agent.vision.sources import Frame, FrameSource, open_source
+from agent.vision.stats import ModelStats, PipelineStats
+
+__all__ = [
+    "DETECTIONS",
+    "ActiveModel",
+    "Backend",
+    "BackendInfo",
+    "Detection",
+    "DetectionParams",
+    "Frame",
+    "FrameResult",
+    "FrameSource",
+    "Letterbox",
+    "ModelStats",
+    "Pipeline",
+    "PipelineStats",
+    "Preprocessor",
+    "Sink",
+    "StdoutSink",
+    "available_backends",
+    "box_iou",
+    "build_sinks",
+    "decode",
+    "detect_image",
+    "file_digest",
+    "load_backend",
+    "open_source",
+    "resolve_classes",
+]
