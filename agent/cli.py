@@ -86,21 +86,21 @@ def run_agent(
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from agent import service
+    from agent.service import install, service_status, uninstall
 
     if args.action == "install":
-        service.install(args.root, dry_run=args.dry_run, enable=not args.no_enable)
+        install(args.root, dry_run=args.dry_run, enable=not args.no_enable)
     elif args.action == "uninstall":
-        service.uninstall(args.root, dry_run=args.dry_run, purge=args.purge)
+        uninstall(args.root, dry_run=args.dry_run, purge=args.purge)
     else:
-        code, text = service.status()
+        code, text = service_status()
         print(text)
         return code
     return EXIT_OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from agent.watchdog import read_health
+    from agent.service import read_health
 
     healthy, reason = read_health(_state_dir(args) / "health.json", args.max_age)
     print(reason, file=sys.stdout if healthy else sys.stderr)

@@ -24,9 +24,9 @@ from agent.config import AgentConfig, ConfigError, MqttConfig, load_config
 from agent.descriptor import SemVer
 from agent.messages import TELEMETRY, encode, event, model_ref, status
 from agent.model_manager import ManagerError, ModelManager, with_identity
-from agent.notify import Notifier
 from agent.outbox import Outbox
 from agent.probes import SystemProbes
+from agent.service import Notifier, Supervisor
 from agent.vision import (
     ActiveModel,
     FrameResult,
@@ -36,7 +36,6 @@ from agent.vision import (
     open_source,
     resolve_classes,
 )
-from agent.watchdog import Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -92,10 +92,10 @@ def test_dockerfiles_pass_hadolint(dockerfile):
 
 
 def test_service_install_refuses_without_root_and_says_so(monkeypatch):
-    from agent import service
     from agent.errors import AgentError
+    from agent.service import install
 
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     with pytest.raises(AgentError, match="needs root"):
-        service.install()
+        install()
     assert sys.executable

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from agent.config import ModelConfig, build_config
-from agent.notify import Notifier
 from agent.runtime import Agent
+from agent.service.notify import Notifier
+from agent.service.watchdog import RestartGuard
 from agent.vision.backends import load_backend
-from agent.watchdog import RestartGuard
 from tests import models_for_tests
 from tests.conftest import AgentProcess, agent_config, run_cli
 

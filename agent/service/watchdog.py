@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import WatchdogConfig
-from agent.notify import Notifier
+from agent.service.notify import Notifier
 
 log = logging.getLogger(__name__)
 

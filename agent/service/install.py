@@ -168,7 +168,7 @@ def uninstall(root: Path = Path("/"), dry_run: bool = False, purge: bool = False
     return steps.log
 
 
-def status() -> tuple[int, str]:
+def service_status() -> tuple[int, str]:
     if shutil.which("systemctl") is None:
         return 1, "systemctl not found: not a systemd machine"
     result = subprocess.run(
