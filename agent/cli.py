@@ -130,7 +130,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from agent.model_store import ModelStore
+    from agent.updates import ModelStore
 
     folder = _state_dir(args) / "models"
     if not folder.is_dir():
@@ -159,7 +159,7 @@ def _describe(record: Any) -> str:
 
 
 def cmd_model_status(args: argparse.Namespace) -> int:
-    from agent.model_manager import file_request
+    from agent.updates import file_request
 
     store = _store(args)
     if store.agent_running():
@@ -181,7 +181,7 @@ def cmd_model_status(args: argparse.Namespace) -> int:
 
 
 def cmd_model_rollback(args: argparse.Namespace) -> int:
-    from agent.model_manager import file_request
+    from agent.updates import file_request
 
     store = _store(args)
     if store.agent_running():
@@ -198,8 +198,8 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_model_pin(args: argparse.Namespace) -> int:
-    from agent.descriptor import check_semver
-    from agent.model_manager import file_request
+    from agent.updates import file_request
+    from agent.versions import check_semver
 
     version = None if args.clear else args.version
     if version is None and not args.clear:
@@ -221,10 +221,8 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_ota_check(args: argparse.Namespace) -> int:
-    from agent.model_manager import file_request
-    from agent.model_store import ModelStore
-    from agent.ota import ChannelClient
     from agent.targets import detect
+    from agent.updates import ChannelClient, ModelStore, file_request
 
     config = load_config(args.config)
     store = ModelStore(config.state_dir / "models")

@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, MqttConfig, load_config
-from agent.descriptor import SemVer
 from agent.messages import TELEMETRY, encode, event, model_ref, status
-from agent.model_manager import ManagerError, ModelManager, with_identity
 from agent.outbox import Outbox
 from agent.probes import SystemProbes
 from agent.service import Notifier, Supervisor
+from agent.updates import ManagerError, ModelManager, with_identity
+from agent.versions import SemVer
 from agent.vision import (
     ActiveModel,
     FrameResult,

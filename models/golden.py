@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from agent.config import ModelConfig
-from agent.selftest import GOLDEN_SCHEMA, decode_image
+from agent.updates.selftest import GOLDEN_SCHEMA, decode_image
 from agent.vision.backends import load_backend
 from agent.vision.postprocess import DetectionParams, decode
 from agent.vision.preprocess import Preprocessor

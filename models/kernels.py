@@ -31,8 +31,8 @@ from typing import Protocol
 import numpy as np
 
 from agent import targets
-from agent.kernel_check import cpu_session
 from agent.targets import Detected
+from agent.updates.kernel_check import cpu_session
 from agent.vision.backends.base import Backend
 from models.errors import FactoryError
 

@@ -36,7 +36,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from agent import __version__
-from agent.descriptor import (
+from agent.updates.descriptor import (
     DESCRIPTOR_SCHEMA,
     INDEX_SCHEMA,
     INDEX_TARGET,
@@ -45,9 +45,9 @@ from agent.descriptor import (
     ModelDescriptor,
     Release,
     Variant,
-    check_semver,
     parse,
 )
+from agent.versions import check_semver
 from agent.vision.backends.base import BackendInfo
 from models.errors import FactoryError
 from models.keys import ONLINE_ROLES, key_path, load_signer

@@ -6,16 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.descriptor import (
+from agent.updates.descriptor import (
     INDEX_SCHEMA,
     ChannelFormatError,
     ChannelIndex,
     check_target_path,
     in_rollout,
     parse,
-    semver_key,
 )
-from agent.ota import choose
+from agent.updates.ota import choose
+from agent.versions import semver_key
 
 
 @pytest.mark.parametrize(

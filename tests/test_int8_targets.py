@@ -17,8 +17,8 @@ import pytest
 
 from agent import targets
 from agent.config import ModelConfig
-from agent.kernel_check import check_kernels, probe_frames
-from agent.selftest import run_self_test
+from agent.updates.kernel_check import check_kernels, probe_frames
+from agent.updates.selftest import run_self_test
 from agent.vision.backends import load_backend
 from agent.vision.postprocess import DetectionParams, decode
 from agent.vision.preprocess import Preprocessor

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from agent.config import ModelConfig
-from agent.selftest import run_self_test
+from agent.updates.selftest import run_self_test
 from agent.vision.backends import load_backend
 from models.datasets import load_dataset
 from models.evaluate import evaluate

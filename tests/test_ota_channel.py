@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import OtaConfig
-from agent.descriptor import INDEX_TARGET
-from agent.ota import ChannelClient, OtaError
+from agent.updates.descriptor import INDEX_TARGET
+from agent.updates.ota import ChannelClient, OtaError
 from agent.vision.backends.base import file_digest
 from models.publish import open_repository
 from tests.channel_server import Nginx

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.config import ProbationConfig
-from agent.probation import judge
+from agent.updates.probation import judge
 from agent.vision.stats import ModelStats
 
 LIMITS = ProbationConfig(frames=50, seconds=30, min_frames=10)

@@ -7,7 +7,7 @@ import stat
 import subprocess
 import sys
 
-from agent.descriptor import ChannelIndex
+from agent.updates.descriptor import ChannelIndex
 from models.publish import open_repository
 from tests.conftest import ROOT
 

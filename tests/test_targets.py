@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent import targets
-from agent.descriptor import INDEX_SCHEMA, ChannelIndex
-from agent.ota import choose
+from agent.updates.descriptor import INDEX_SCHEMA, ChannelIndex
+from agent.updates.ota import choose
 from tests.conftest import run_cli
 
 CPUINFO = Path(__file__).parent / "data" / "cpuinfo"

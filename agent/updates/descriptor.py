@@ -15,16 +15,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from agent.selftest import GOLDEN_SCHEMA
+from agent.updates.selftest import GOLDEN_SCHEMA
+from agent.versions import SemVer
 
 INDEX_TARGET = "index.json"
 INDEX_SCHEMA = "edge-agent/channel-index/v1"
 DESCRIPTOR_SCHEMA = "edge-agent/model-descriptor/v1"
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"
-)
 
 
 class ChannelFormatError(ValueError):
@@ -43,26 +41,7 @@ def check_target_path(path: str) -> str:
     return path
 
 
-def check_semver(version: str) -> str:
-    if not _SEMVER.match(version):
-        raise ValueError(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
-    return version
-
-
-def semver_key(version: str) -> tuple:
-    """Order semantic versions as semver.org does: a pre-release sorts before its release."""
-    match = _SEMVER.match(version)
-    if match is None:
-        return (-1,)
-    major, minor, patch, pre = int(match[1]), int(match[2]), int(match[3]), match[4]
-    if pre is None:
-        return (major, minor, patch, 1, ())
-    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre[1:].split("."))
-    return (major, minor, patch, 0, parts)
-
-
 TargetPath = Annotated[str, AfterValidator(check_target_path)]
-SemVer = Annotated[str, AfterValidator(check_semver)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Target = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 

@@ -5,9 +5,9 @@ model gave on exactly those pixels when it was published. The device decodes the
 its own backend, and expects the same objects back: same classes, boxes overlapping (IoU >= 0.5),
 scores close. A model whose scores collapsed, or that was swapped or corrupted, fails here.
 When the set carries a kernel probe (a static INT8 model's first convolution), the device also
-checks that its own int8 kernels compute that model as it means (``agent.kernel_check``): a model
-made for other kernels (a VNNI model on an AVX2 CPU) is refused even where its detections on a
-few photos still look right.
+checks that its own int8 kernels compute that model as it means
+(``agent.updates.kernel_check``): a model made for other kernels (a VNNI model on an AVX2 CPU) is
+refused even where its detections on a few photos still look right.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from agent import targets
-from agent.kernel_check import check_kernels
+from agent.updates.kernel_check import check_kernels
 from agent.vision import Backend, DetectionParams, box_iou, detect_image
 
 GOLDEN_SCHEMA = "edge-agent/golden/v1"

@@ -25,7 +25,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 
 from agent import __version__, targets
 from agent.config import OtaConfig
-from agent.descriptor import (
+from agent.updates.descriptor import (
     INDEX_TARGET,
     ChannelFormatError,
     ChannelIndex,
@@ -34,9 +34,9 @@ from agent.descriptor import (
     Variant,
     in_rollout,
     parse,
-    semver_key,
 )
-from agent.fetcher import ChannelFetcher, is_local, local_path
+from agent.updates.fetcher import ChannelFetcher, is_local, local_path
+from agent.versions import semver_key
 
 log = logging.getLogger(__name__)
 

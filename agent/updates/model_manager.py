@@ -26,8 +26,8 @@ from typing import Any
 
 from agent import failpoints, targets
 from agent.config import AgentConfig
-from agent.descriptor import ModelDescriptor, parse
-from agent.model_store import (
+from agent.updates.descriptor import ModelDescriptor, parse
+from agent.updates.model_store import (
     ModelStore,
     Probation,
     SlotRecord,
@@ -35,9 +35,9 @@ from agent.model_store import (
     StoreState,
     write_atomic,
 )
-from agent.ota import ChannelClient, Offer, OtaError
-from agent.probation import judge
-from agent.selftest import run_self_test
+from agent.updates.ota import ChannelClient, Offer, OtaError
+from agent.updates.probation import judge
+from agent.updates.selftest import run_self_test
 from agent.vision import Backend, ModelStats
 
 log = logging.getLogger(__name__)
