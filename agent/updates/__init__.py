@@ -5,7 +5,8 @@ machinery behind them. This wing imports ``agent.vision`` (it loads and tests mo
 ``agent.link``: it reports through the events object and callbacks the wiring hands it.
 """
 
-from agent.updates.model_manager import ManagerError, ModelManager, file_request, with_identity
+from agent.updates.live_model import ManagerError, with_identity
+from agent.updates.model_manager import ModelManager, file_request
 from agent.updates.model_store import ModelStore
 from agent.updates.ota import ChannelClient, OtaError
 from agent.updates.selftest import run_self_test

@@ -90,6 +90,16 @@ class StoreState(BaseModel):
         if version is not None:
             self.rejected.pop(version, None)
 
+    def count_load(self, record: SlotRecord, staged: bool = False) -> None:
+        """One more attempt at loading ``record`` (a start that dies here is counted)."""
+        target = self.staged if staged else self.active
+        if target is not None and target.slot == record.slot:
+            target.load_attempts += 1
+
+    def reset_loads(self, record: SlotRecord) -> None:
+        if self.active is not None and self.active.slot == record.slot:
+            self.active.load_attempts = 0
+
     def swap_to_previous(self, current: SlotRecord | None, reason: str, reject: bool) -> None:
         """The previous model becomes active, ``current`` becomes previous; ``reject`` keeps
         ``current`` from being installed again by the next check."""
