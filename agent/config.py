@@ -435,6 +435,26 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     return build_config(deep_merge(data, overrides), origin)
 
 
+def apply_live(current: AgentConfig, fresh: AgentConfig) -> tuple[AgentConfig, list[str]]:
+    """What a re-read config changes without a restart (thresholds, sinks, telemetry period),
+    applied to ``current``; and the sections whose changes wait for the next restart."""
+
+    def only_telemetry_changed(old: MqttConfig, new: MqttConfig) -> bool:
+        return old.model_copy(update={"telemetry_interval_s": new.telemetry_interval_s}) == new
+
+    needs_restart = [
+        name
+        for name in ("model", "source", "mqtt", "outbox", "state_dir", "device_id")
+        if getattr(fresh, name) != getattr(current, name)
+        and not (name == "mqtt" and only_telemetry_changed(current.mqtt, fresh.mqtt))
+    ]
+    mqtt = current.mqtt.model_copy(update={"telemetry_interval_s": fresh.mqtt.telemetry_interval_s})
+    applied = current.model_copy(
+        update={"detection": fresh.detection, "sinks": fresh.sinks, "mqtt": mqtt}
+    )
+    return applied, needs_restart
+
+
 def redacted(config: AgentConfig) -> dict[str, Any]:
     """The config as plain data, secrets masked (pydantic SecretStr prints as stars)."""
     return config.model_dump(mode="json")

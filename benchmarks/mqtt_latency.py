@@ -30,7 +30,8 @@ from common import shared_dir_or_exit
 
 from agent.config import ModelConfig, build_config
 from agent.demo import DEMO_MODEL, open_demo_source
-from agent.runtime import Agent, MqttSink
+from agent.link import MqttSink
+from agent.runtime import Agent
 from agent.vision.backends import load_backend
 from agent.vision.preprocess import Preprocessor
 from tests.brokers import Mosquitto, Subscriber

@@ -1,4 +1,4 @@
-"""Validate published payloads against the JSON Schema files in agent/schemas/."""
+"""Validate published payloads against the JSON Schema files in agent/link/schemas/."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 from referencing import Registry, Resource
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "agent" / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[1] / "agent" / "link" / "schemas"
 BY_LEAF = {
     "status": "status",
     "detections": "detections",

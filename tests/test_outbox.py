@@ -3,7 +3,7 @@ import subprocess
 import sys
 import time
 
-from agent.outbox import Outbox
+from agent.link.outbox import Outbox
 
 
 def test_messages_come_out_in_order_and_leave_only_when_acknowledged(tmp_path):
@@ -62,7 +62,7 @@ def test_wait_newer_wakes_on_a_new_message(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from agent.outbox import Outbox
+from agent.link.outbox import Outbox
 box = Outbox(Path(sys.argv[1]))
 i = 0
 while True:

@@ -1,4 +1,4 @@
-from agent.probes import SystemProbes, parse_rknpu_load, parse_tegrastats
+from agent.link.probes import SystemProbes, parse_rknpu_load, parse_tegrastats
 
 # Recorded tegrastats lines from several JetPack releases.
 JETPACK_4_NANO = (

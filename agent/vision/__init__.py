@@ -4,6 +4,7 @@ The names below are what the other wings and the wiring use; the machinery stays
 This wing imports only ``agent.config`` and ``agent.errors``: it knows nothing of MQTT or OTA.
 """
 
+from agent.vision.annotate import annotate
 from agent.vision.backends import Backend, BackendInfo, available_backends, load_backend
 from agent.vision.backends.base import file_digest
 from agent.vision.pipeline import ActiveModel, Pipeline
@@ -37,6 +38,7 @@ __all__ = [
     "Preprocessor",
     "Sink",
     "StdoutSink",
+    "annotate",
     "available_backends",
     "box_iou",
     "build_sinks",

@@ -1,4 +1,4 @@
-"""Payloads the agent publishes. Each carries a ``schema`` id; agent/schemas/ holds the JSON
+"""Payloads the agent publishes. Each carries a ``schema`` id; agent/link/schemas/ holds the JSON
 Schema of each, and the tests validate every message the agent sends against it."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from agent.vision import BackendInfo
 STATUS = "edge-agent/status/v1"
 TELEMETRY = "edge-agent/telemetry/v1"
 EVENT = "edge-agent/event/v1"
+MODEL = "edge-agent/model/v1"
 COMMAND_RESULT = "edge-agent/command-result/v1"
 
 
@@ -32,6 +33,21 @@ def status(state: str, device_id: str, session: str, model: BackendInfo | None) 
         "model": model_ref(model),
         "timestamp": round(time.time(), 3),
     }
+
+
+def model_state(
+    device_id: str, info: BackendInfo, ota: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The retained ``model`` message: the active model, and the OTA state when OTA is on."""
+    message: dict[str, Any] = {
+        "schema": MODEL,
+        "device_id": device_id,
+        "active": {**info.summary(), "classes": info.num_classes},
+        "timestamp": round(time.time(), 3),
+    }
+    if ota is not None:
+        message["ota"] = ota
+    return message
 
 
 def event(

@@ -23,7 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
 from agent.errors import ConfigError
-from agent.outbox import Outbox
+from agent.link.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

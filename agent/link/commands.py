@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from agent.config import describe_validation_error
-from agent.messages import command_result
+from agent.link.messages import command_result
 
 log = logging.getLogger(__name__)
 

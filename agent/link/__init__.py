@@ -1,0 +1,36 @@
+"""What the agent says and hears over MQTT: the session, commands, events, telemetry, payloads.
+
+The wiring uses the names below; paho, the outbox's sqlite and the topic layout stay inside.
+This wing imports ``agent.vision`` (it reports on the loop) and never ``agent.updates``: the
+model commands reach the model manager through the ``ModelControl`` interface the wiring fills.
+"""
+
+from agent.link.commands import CommandError, CommandRouter
+from agent.link.events import CounterWatch, Events, Watched
+from agent.link.handlers import CommandHandlers, ModelControl
+from agent.link.housekeeping import Housekeeper
+from agent.link.messages import encode, model_ref, model_state, status
+from agent.link.outbox import Outbox
+from agent.link.probes import SystemProbes
+from agent.link.session import Link, MqttSink
+from agent.link.telemetry import Telemetry
+
+__all__ = [
+    "CommandError",
+    "CommandHandlers",
+    "CommandRouter",
+    "CounterWatch",
+    "Events",
+    "Housekeeper",
+    "Link",
+    "ModelControl",
+    "MqttSink",
+    "Outbox",
+    "SystemProbes",
+    "Telemetry",
+    "Watched",
+    "encode",
+    "model_ref",
+    "model_state",
+    "status",
+]

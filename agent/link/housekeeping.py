@@ -1,0 +1,72 @@
+"""Housekeeping on one slow thread: counters that become events, outbox expiry, telemetry.
+
+Counter watching runs with or without MQTT (events are logged either way); the outbox expiry
+and the telemetry message need the link. The telemetry period is read each round, so a SIGHUP
+that changes it takes effect at the next message.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from agent.link.events import CounterWatch, Events, Watched
+from agent.link.session import Link
+from agent.link.telemetry import Telemetry
+from agent.vision import Pipeline
+
+EXPIRE_EVERY_S = 60.0
+
+
+class Housekeeper:
+    def __init__(
+        self,
+        interval_s: Callable[[], float],
+        events: Events,
+        pipeline: Pipeline,
+        link: Link | None,
+        telemetry: Telemetry | None,
+    ) -> None:
+        self.interval_s, self.pipeline = interval_s, pipeline
+        self.link, self.telemetry = link, telemetry
+        self.counters = CounterWatch(events, self.watched)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+
+    def watched(self) -> Watched:
+        stats = self.pipeline.source.stats
+        watched: Watched = {
+            "source_reconnects": (stats.reconnects, "source lost, reconnecting", stats.last_error),
+            "source_stalls": (stats.stalls, "source stalled", stats.last_error),
+            "pipeline_errors": (self.pipeline.stats.errors, "frames failed in the pipeline", None),
+        }
+        if self.link is not None:
+            watched.update(self.link.watched())
+        return watched
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+        if self.telemetry is not None:
+            self.telemetry.close()
+
+    def _run(self) -> None:
+        next_telemetry = time.monotonic() + self.interval_s()
+        next_expiry = time.monotonic()
+        self.counters.check()  # baseline
+        while not self._stop.wait(min(1.0, self.interval_s())):
+            self.counters.check()
+            if self.link is None or self.telemetry is None:
+                continue
+            now = time.monotonic()
+            if now >= next_expiry:
+                self.link.outbox.expire()
+                next_expiry = now + EXPIRE_EVERY_S
+            if now >= next_telemetry:
+                next_telemetry = now + self.interval_s()
+                self.link.publish_telemetry(self.telemetry.message(self.link.counters()))

@@ -1,0 +1,60 @@
+"""The periodic ``telemetry`` message: rates since the last, stage latencies, source, host probes.
+
+Rates are frames counted between two messages over the time between them, so a message says how
+the device did in its own interval, not since start. The link adds its outbox and MQTT counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.link.messages import TELEMETRY, model_ref
+from agent.link.probes import SystemProbes
+from agent.vision import Backend, Pipeline
+
+
+class Telemetry:
+    def __init__(
+        self,
+        device_id: str,
+        session: str,
+        started: float,
+        pipeline: Pipeline,
+        model: Callable[[], Backend],
+    ) -> None:
+        """``started``: the agent's start (monotonic), for uptime."""
+        self.device_id, self.session, self.started = device_id, session, started
+        self.pipeline, self.model = pipeline, model
+        self.probes = SystemProbes()
+        self._last = (time.monotonic(), 0, 0)  # when, frames in, frames out
+
+    def message(self, link_counters: dict[str, Any] | None = None) -> dict[str, Any]:
+        snap = self.pipeline.stats.snapshot()
+        now = time.monotonic()
+        last_t, last_in, last_out = self._last
+        span = max(now - last_t, 1e-6)
+        self._last = (now, snap["frames_in"], snap["frames_out"])
+        source = self.pipeline.source
+        return {
+            "schema": TELEMETRY,
+            "device_id": self.device_id,
+            "session": self.session,
+            "timestamp": round(time.time(), 3),
+            "uptime_s": round(now - self.started, 3),
+            "model": model_ref(self.model().info),
+            "fps_in": round((snap["frames_in"] - last_in) / span, 2),
+            "fps_out": round((snap["frames_out"] - last_out) / span, 2),
+            "frames": {
+                k: snap[k] for k in ("frames_in", "frames_out", "dropped", "late", "errors")
+            },
+            "latency_ms": snap["latency_ms"],
+            "inference_ms": snap["latency_ms"]["inference"]["p50"],
+            "source": {"name": source.name, **source.stats.as_dict()},
+            **self.probes.read(),
+            **(link_counters or {}),
+        }
+
+    def close(self) -> None:
+        self.probes.close()

@@ -1,0 +1,35 @@
+"""Model files into backends, with this agent's backend and options; the active model from disk.
+
+One place decides how a model file is loaded (backend name, providers, threads, the engine cache
+under ``state_dir/engines`` unless configured), so the start, an OTA candidate and the watchdog's
+reload all load a model the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.updates import ModelManager, with_identity
+from agent.vision import Backend, load_backend
+
+
+class ModelLoader:
+    def __init__(self, config: AgentConfig) -> None:
+        options = config.model
+        if options.engine_cache_dir is None:
+            options = options.model_copy(update={"engine_cache_dir": config.state_dir / "engines"})
+        self.options = options
+        self.manager: ModelManager | None = None  # set when OTA is on: the active model is a slot
+
+    def load(self, path: Path) -> Backend:
+        options = self.options
+        return load_backend(options.backend, path, options.model_copy(update={"path": path}))
+
+    def active(self) -> Backend:
+        """The active model again, from disk: the base model, or its OTA slot."""
+        if self.manager is None:
+            return self.load(self.options.path)
+        record = self.manager.active_record()
+        assert record is not None
+        return with_identity(self.load(Path(record.path)), record)
