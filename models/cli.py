@@ -156,8 +156,7 @@ def cmd_calibration_set(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from models.keys import init_keys
-    from models.publish import create
+    from models.channel import create, init_keys
 
     root_key, root = init_keys(args.keys, args.channel, args.root_key)
     create(args.channel, args.keys, root, args.name)
@@ -184,9 +183,9 @@ def _golden_for(args: argparse.Namespace, runner: object, target: str) -> dict:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from models.channel import inspect_onnx, publish
     from models.gate import gate_model
     from models.kernels import SemanticsRunner, verification
-    from models.publish import inspect_onnx, publish
 
     evaluated = args.info or args.model
     target = _target_for(evaluated, args.target)
@@ -239,7 +238,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from models.publish import set_rollout
+    from models.channel import set_rollout
 
     old = set_rollout(args.channel, args.keys, args.name, args.version, args.percent)
     print(f"{args.name} {args.version}: rollout {old:g}% -> {args.percent:g}%")
@@ -247,7 +246,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from models.publish import refresh
+    from models.channel import refresh
 
     version = refresh(args.channel, args.keys)
     print(f"re-signed snapshot and timestamp (timestamp v{version})")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.keys import init_keys
-from models.publish import Publication, create, open_repository, publish
+from models.channel.keys import init_keys
+from models.channel.publish import Publication, create, open_repository, publish
 
 
 @dataclass

@@ -37,7 +37,7 @@ def photos(shared: Path) -> list[Path]:
 
 def first_descriptor(channel: Path, keys: Path, target: str) -> dict:
     """The descriptor of the first release's ``target`` variant, as the channel signed it."""
-    from models.publish import open_repository
+    from models.channel.publish import open_repository
 
     release = index_of(channel, keys).releases[0]
     with open_repository(channel, keys) as repo:

@@ -14,7 +14,7 @@ from agent.config import OtaConfig
 from agent.updates.descriptor import INDEX_TARGET
 from agent.updates.ota import ChannelClient, OtaError
 from agent.vision.backends.base import file_digest
-from models.publish import open_repository
+from models.channel.publish import open_repository
 from tests.channel_server import Nginx
 
 NAME, TARGET = "yolov8n-coco", "cpu-x86_64"

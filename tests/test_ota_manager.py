@@ -14,7 +14,7 @@ import pytest
 from agent.config import build_config
 from agent.demo import synthesise_video
 from agent.runtime import Agent
-from models.publish import open_repository
+from models.channel.publish import open_repository
 from tests import models_for_tests
 from tests.channel_server import Nginx
 

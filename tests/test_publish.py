@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from agent.updates.descriptor import ChannelIndex
-from models.publish import open_repository
+from models.channel.publish import open_repository
 from tests.conftest import ROOT
 
 

@@ -49,8 +49,8 @@ from agent.updates.descriptor import (
 )
 from agent.versions import check_semver
 from agent.vision.backends.base import BackendInfo
+from models.channel.keys import ONLINE_ROLES, key_path, load_signer
 from models.errors import FactoryError
-from models.keys import ONLINE_ROLES, key_path, load_signer
 
 EXPIRY_DAYS = {"targets": 90, "snapshot": 30, "timestamp": 7}
 FORMATS = {".onnx": "onnx", ".engine": "engine", ".plan": "engine", ".rknn": "rknn"}
