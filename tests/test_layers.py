@@ -1,0 +1,112 @@
+"""The house's rules, read from the source: which wing may import which, through which door."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WINGS = ("vision", "service", "link", "updates")
+# rooms every wing may use: they import no wing themselves
+BASE = {
+    "agent",
+    "agent.config",
+    "agent.errors",
+    "agent.failpoints",
+    "agent.targets",
+    "agent.versions",
+}
+# the lower wings each wing may use (vision and service know nothing of link or updates;
+# link knows nothing of updates)
+MAY_USE = {"vision": set(), "service": set(), "link": {"vision"}, "updates": {"vision"}}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports(path: Path) -> list[str]:
+    """Every module ``path`` imports, at the top or inside a function."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+            if node.module == "agent":  # ``from agent import targets``: the room agent.targets
+                found += [f"agent.{alias.name}" for alias in node.names]
+    return found
+
+
+def agent_modules() -> list[Path]:
+    return sorted((ROOT / "agent").rglob("*.py"))
+
+
+def wing_of(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in WINGS else None
+
+
+def is_module(name: str) -> bool:
+    path = ROOT / Path(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def test_every_wing_has_a_face_and_the_tree_has_the_four_wings():
+    for wing in WINGS:
+        face = ROOT / "agent" / wing / "__init__.py"
+        assert face.exists(), f"agent/{wing}/ has no __init__.py naming its public face"
+        assert "__all__" in face.read_text(), f"agent/{wing}/__init__.py does not name __all__"
+
+
+@pytest.mark.parametrize("path", agent_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_wing_imports_only_the_base_rooms_and_the_lower_wings(path):
+    name = module_name(path)
+    wing = wing_of(name)
+    problems = []
+    for imported in imports(path):
+        if imported.startswith("models"):
+            problems.append(f"{imported}: the agent never imports the factory")
+        if not imported.startswith("agent") or not is_module(imported):
+            continue
+        other = wing_of(imported)
+        if wing is None:
+            if name in BASE and other is not None:
+                problems.append(f"{imported}: a base room imports no wing")
+            continue
+        if other == wing:
+            continue
+        if other is None and imported not in BASE:
+            problems.append(f"{imported}: a wing may import only {sorted(BASE)} at the top level")
+        elif other is not None and other not in MAY_USE[wing]:
+            problems.append(f"{imported}: the {wing} wing must not know the {other} wing")
+    assert not problems, f"{name}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("path", agent_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_other_rooms_enter_a_wing_through_its_face(path):
+    name = module_name(path)
+    deep = [
+        imported
+        for imported in imports(path)
+        if is_module(imported)
+        and (other := wing_of(imported)) is not None
+        and other != wing_of(name)
+        and imported != f"agent.{other}"
+    ]
+    assert not deep, f"{name} reaches past a wing's __init__: {deep}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    agent_modules() + sorted((ROOT / "models").rglob("*.py")),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_every_module_opens_with_a_docstring_saying_its_job(path):
+    docstring = ast.get_docstring(ast.parse(path.read_text()))
+    assert docstring and docstring.splitlines()[0].strip(), f"{path} has no opening docstring"
