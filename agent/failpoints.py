@@ -1,6 +1,8 @@
-"""Named pauses for crash tests: ``EDGE_AGENT_FAILPOINTS="staging=3,swap=3"`` makes the agent
-wait that many seconds at those points, so a test can SIGKILL it exactly there. Unset (always, in
-production) a failpoint costs one dictionary lookup."""
+"""Named pauses that let crash tests SIGKILL the agent at an exact point.
+
+``EDGE_AGENT_FAILPOINTS="staging=3,swap=3"`` makes the agent wait that many seconds at those
+points, so a test can SIGKILL it exactly there. Unset (always, in production) a failpoint costs
+one dictionary lookup."""
 
 from __future__ import annotations
 

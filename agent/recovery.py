@@ -1,7 +1,7 @@
-"""The watchdog's ladder, done to this agent: reopen the source, reload the backend, fall back to
-the previous model, exit for systemd.
+"""The watchdog ladder's steps, done to this agent: reopen, reload, previous model, exit.
 
-The watchdog (service wing) decides which step to take and when; each step here only acts and
+Reopen the source, reload the backend, fall back to the previous model, exit for systemd. The
+watchdog (service wing) decides which step to take and when; each step here only acts and
 says what it did (None: nothing to do). No step waits for a hung inference: the stuck worker is
 abandoned and a fresh one takes the next frame.
 """

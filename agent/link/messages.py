@@ -1,5 +1,7 @@
-"""Payloads the agent publishes. Each carries a ``schema`` id; agent/link/schemas/ holds the JSON
-Schema of each, and the tests validate every message the agent sends against it."""
+"""Builders of the payloads the agent publishes, each with its ``schema`` id.
+
+agent/link/schemas/ holds the JSON Schema of each, and the tests validate every message the agent
+sends against it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Unattended operation: stage heartbeats, the escalation ladder, the restart-loop guard, and the
-health the agent reports to systemd (WATCHDOG=1), to ``edge-agent health`` and on ``events``.
+"""The watchdog: stage heartbeats, the escalation ladder, the restart-loop guard, health.
+
+Health is reported to systemd (WATCHDOG=1), to ``edge-agent health`` and on ``events``.
 
 Every fault has an owner and a next step. The supervisor looks at the pipeline every
 ``check_interval_s``; a fault enters the ladder at the first step that can fix it (a silent source

@@ -1,4 +1,4 @@
-"""The live model's lifecycle: start-up recovery, swap-in on probation, commit, rollback, pins.
+"""The live model's lifecycle: swap-in on probation, commit, rollback, pins.
 
 Every transition here is one locked, atomic write of ``state.json`` (see model_store) next to one
 swap of the reference the loop reads between two frames, so a crash at any point leaves a state the

@@ -1,5 +1,7 @@
-"""Where results go. A sink gets every ``FrameResult`` on the postprocess thread and must be quick;
-a sink that talks to the network (MQTT) hands the message to its own queue and returns."""
+"""Where results go: stdout and JSON-lines sinks, and the detections record every sink writes.
+
+A sink gets every ``FrameResult`` on the postprocess thread and must be quick; a sink that talks
+to the network (MQTT, in the link wing) hands the message to its own queue and returns."""
 
 from __future__ import annotations
 
