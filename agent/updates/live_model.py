@@ -64,7 +64,7 @@ class LiveModel:
         self.progress: dict[str, Any] = {}
         self.lock = threading.RLock()
         self.probation: ProbationRun | None = None
-        # wired by the agent once the loop exists
+        # wired by the agent once the loop exists (ModelManager.attach)
         self.active_model: Callable[[], Backend] | None = None
         self.take_over: Callable[[Backend], None] | None = None
         self.stats_for: Callable[[Backend], ModelStats] | None = None
@@ -85,16 +85,6 @@ class LiveModel:
 
     def emit(self, kind: str, message: str, level: str = "info", **details: Any) -> None:
         self.events.emit(kind, message, level, **details)
-
-    def attach(
-        self,
-        active_model: Callable[[], Backend],
-        take_over: Callable[[Backend], None],
-        stats_for: Callable[[Backend], ModelStats],
-        on_change: Callable[[], None],
-    ) -> None:
-        self.active_model, self.take_over = active_model, take_over
-        self.stats_for, self.on_change = stats_for, on_change
 
     def probation_progress(self) -> dict[str, Any] | None:
         """The new model's figures so far, while it is on probation."""

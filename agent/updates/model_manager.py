@@ -83,7 +83,9 @@ class ModelManager:
         on_change: Callable[[], None],
     ) -> None:
         """Wire the loop in: the model it runs now, how to swap it, its statistics."""
-        self.live.attach(active_model, take_over, stats_for, on_change)
+        live = self.live
+        live.active_model, live.take_over = active_model, take_over
+        live.stats_for, live.on_change = stats_for, on_change
 
     # -- the thread and its requests ---------------------------------------------------------------
     def start(self) -> None:
