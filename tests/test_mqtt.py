@@ -163,6 +163,7 @@ def test_broker_outage_of_30_s_loses_no_detection(tmp_path, fp32_model, looping)
         # both events (~100 ms apart) was lost under a loaded 2-core run (see README, Status)
         time.sleep(1.0)
         broker.stop()
+        outage = (time.time(), time.time() + 30)
         time.sleep(30)
         assert agent.alive(), agent.log()
         broker.start()
@@ -182,7 +183,11 @@ def test_broker_outage_of_30_s_loses_no_detection(tmp_path, fp32_model, looping)
         time.sleep(0.2)
     sub.stop()
     broker.stop()
-    assert len(expected) > 300  # ~30 s of frames went through the outbox
+    # ~30 s of frames went through the outbox: judged by their capture times, not by their count,
+    # which depends on how fast this machine runs the model (278 frames in one loaded CI run)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    during = [r["timestamp"] for r in records if outage[0] <= r["timestamp"] <= outage[1]]
+    assert len(during) >= 30 and max(during) - min(during) > 25
     assert [frame for _, frame in got] == expected
     assert len({session for session, _ in got}) == 1
 
