@@ -47,9 +47,10 @@ class SourceConfig(StrictModel):
         "or a GStreamer pipeline ending in appsink.",
     )
     kind: Literal["auto", "file", "folder", "v4l2", "stream", "gstreamer"] = "auto"
-    pace: Literal["realtime", "fast"] = Field(
+    pace: Literal["realtime", "fast", "live"] = Field(
         "realtime",
-        description="File sources: play at their own frame rate, or as fast as possible.",
+        description="File sources: play at their own frame rate, as fast as possible, or as a "
+        "camera would deliver them (own frame rate, newest frame only: late frames are skipped).",
     )
     loop: bool = Field(False, description="File sources: start again at the end.")
     fps: float | None = Field(
@@ -116,6 +117,13 @@ class PipelineConfig(StrictModel):
     """Stage queues, deadlines and statistics."""
 
     queue_size: int = Field(2, ge=1, le=64, description="Bound of each queue between stages.")
+    live_queue_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Live sources: bound of the queues before inference, newest frame kept, so "
+        "latency stays about one frame's processing instead of a backlog.",
+    )
     deadline_ms: float = Field(
         1000.0, gt=0, description="A frame older than this when it reaches inference is late."
     )
@@ -145,6 +153,11 @@ class SinksConfig(StrictModel):
     stdout_format: Literal["json", "text"] = "json"
     jsonl: Path | None = Field(None, description="Append one JSON line per result to this file.")
     every_frame: bool = Field(False, description="Also emit frames with no detections.")
+    video: Path | None = Field(
+        None, description="Write every emitted frame, detections drawn, to this MP4 file."
+    )
+    video_width: int = Field(960, ge=64, le=7680, description="Width of that video (scaled).")
+    video_fps: float = Field(10.0, gt=0, le=240, description="Frame rate written in that video.")
 
 
 class TlsConfig(StrictModel):

@@ -135,8 +135,9 @@ class Pipeline:
         self._stop = threading.Event()
         self._aborted = threading.Event()  # a stage crashed: nothing downstream will drain
         self._done = threading.Event()
-        self._to_preprocess = StageQueue(config.queue_size, self._aborted)
-        self._to_infer = StageQueue(config.queue_size, self._aborted)
+        ahead = config.live_queue_size if source.live else config.queue_size
+        self._to_preprocess = StageQueue(ahead, self._aborted)
+        self._to_infer = StageQueue(ahead, self._aborted)
         self._to_postprocess = StageQueue(config.queue_size, self._aborted)
         self._threads: list[threading.Thread] = []
         # watchdog view: when each stage started its current item (None: waiting for work)
@@ -304,7 +305,11 @@ class Pipeline:
                 self.busy_since["preprocess"] = None
             elapsed = (time.perf_counter() - started) * 1000
             self.stats.latency["preprocess"].add(elapsed)
-            self._to_infer.put(Job(frame, model, pre, tensor, box, {"preprocess": elapsed}))
+            job = Job(frame, model, pre, tensor, box, {"preprocess": elapsed})
+            if not self.source.live:
+                self._to_infer.put(job)
+            elif self._to_infer.put_latest(job) is not None:
+                self.stats.count("dropped")  # a newer frame is ready: latency beats backlog
         self._to_infer.put(_END)
 
     def _inference_loop(self, generation: int = 0) -> None:

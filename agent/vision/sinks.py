@@ -92,4 +92,8 @@ def build_sinks(config: SinksConfig) -> list[Sink]:
         sinks.append(StdoutSink(config.stdout_format))
     if config.jsonl is not None:
         sinks.append(JsonlSink(config.jsonl))
+    if config.video is not None:
+        from agent.vision.annotate import VideoSink  # annotate builds on this module
+
+        sinks.append(VideoSink(config.video, config.video_width, config.video_fps))
     return sinks

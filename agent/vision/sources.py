@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -374,6 +374,36 @@ def capture_opener(config: SourceConfig, kind: str) -> Callable[[], cv2.VideoCap
     return open_capture
 
 
+class PacedCapture:
+    """A video file that delivers frames at its own rate, like a camera (``pace: live``)."""
+
+    def __init__(self, capture: cv2.VideoCapture, loop: bool, fps: float | None) -> None:
+        self._capture, self._loop = capture, loop
+        found = capture.get(cv2.CAP_PROP_FPS) or 0.0
+        self._interval = 1.0 / (fps or (found if 0 < found < 1000 else 25.0))
+        self._due = time.monotonic()
+
+    def isOpened(self) -> bool:  # OpenCV's name
+        return self._capture.isOpened()
+
+    def get(self, prop: int) -> float:
+        return self._capture.get(prop)
+
+    def read(self) -> tuple[bool, Any]:
+        delay = self._due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._due = max(self._due + self._interval, time.monotonic() - self._interval)
+        ok, image = self._capture.read()
+        if not ok and self._loop:
+            self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, image = self._capture.read()
+        return ok, image
+
+    def release(self) -> None:
+        self._capture.release()
+
+
 def open_source(config: SourceConfig) -> FrameSource:
     """Open the source described by ``config``.
 
@@ -386,5 +416,8 @@ def open_source(config: SourceConfig) -> FrameSource:
     if kind == "file":
         if not Path(config.uri).expanduser().is_file():
             raise SourceError(f"video file not found: {config.uri}")
+        if config.pace == "live":  # a camera stand-in: the live source's newest-frame policy
+            opener = capture_opener(config, kind)
+            return LiveSource(config, lambda: PacedCapture(opener(), config.loop, config.fps))
         return VideoFileSource(config, capture_opener(config, kind))
     return LiveSource(config, capture_opener(config, kind))
