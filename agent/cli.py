@@ -31,6 +31,7 @@ from agent.config import (
 )
 from agent.errors import AgentError, ImageError
 from agent.vision import DetectionParams, Preprocessor, detect_image, load_backend
+from agent.watch import add_arguments as add_watch_arguments
 
 log = logging.getLogger("edge-agent")
 
@@ -358,6 +359,8 @@ def print_bench(report: dict[str, Any]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.no_services:
+        return _demo_story(args)
     from agent.vision import ActiveModel, Pipeline, StdoutSink
 
     _setup_logging("WARNING")
@@ -484,8 +487,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser(
-        "demo", help="run the whole loop on a demo video made from ../shared photos"
+        "demo",
+        help="the whole story on a demo video: broker, channel, agent, INT8 over the air "
+        "(--no-services: the detection loop alone, from a file)",
     )
+    demo.add_argument(
+        "--no-services",
+        action="store_true",
+        help="no broker or channel: the loop alone, detections printed (--model/--source/--frames)",
+    )
+    demo.add_argument(
+        "--out", type=Path, default=Path("demo-output"), help="annotated video and summary here"
+    )
+    demo.add_argument("--int8", type=Path, help="an INT8 model to ship (default: quantized here)")
+    demo.add_argument("--target", help="deployment target (default: this machine's)")
+    demo.add_argument("--before", type=float, default=12.0, help="seconds measured on float")
+    demo.add_argument("--after", type=float, default=12.0, help="seconds measured on INT8")
+    demo.add_argument("--fps", type=float, default=10.0, help="camera frame rate of the clip")
     demo.add_argument(
         "--model", type=Path, help="model (default: ../shared/models/yolov8n-coco-fp32.onnx)"
     )
@@ -558,10 +576,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path)
     check.set_defaults(func=cmd_config_check)
+    watch = sub.add_parser(
+        "watch", help="a live view of the fleet, built only from its MQTT topics"
+    )
+    add_watch_arguments(watch)
+    watch.set_defaults(func=cmd_watch)
     show = config_sub.add_parser("show", help="print the effective config, secrets masked")
     show.add_argument("-c", "--config", type=Path, help="YAML config file")
     show.set_defaults(func=cmd_config_show)
     return parser
+
+
+def _demo_story(args: argparse.Namespace) -> int:
+    from agent.demo import require_shared_dir
+    from agent.demo_story import StoryOptions, run
+
+    _setup_logging("WARNING")
+    try:
+        shared = require_shared_dir(args.shared)
+    except LookupError as exc:
+        raise UsageError(f"{exc}; add --no-services for the file-only demo") from None
+    options = StoryOptions(
+        shared=shared,
+        out_dir=args.out,
+        int8=args.int8,
+        target=args.target,
+        before_s=args.before,
+        fps=args.fps,
+        after_s=args.after,
+        say=lambda text: print(f"[demo] {text}", file=sys.stderr, flush=True),
+    )
+    return run(options)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from agent.watch import run_watch
+
+    return run_watch(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

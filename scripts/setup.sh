@@ -12,8 +12,9 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 # Debian packages the tests need as real parts: a real MQTT broker (mosquitto, with
 # mosquitto_passwd), openssl to make TLS certificates at test time, and nginx-light to
-# serve the OTA channel over real HTTP (Range requests included).
-APT_PACKAGES=(mosquitto openssl nginx-light)
+# serve the OTA channel over real HTTP (Range requests included); tmux to test `edge-agent watch`
+# on a real terminal.
+APT_PACKAGES=(mosquitto openssl nginx-light tmux)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

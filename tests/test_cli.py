@@ -186,12 +186,14 @@ def test_run_stops_cleanly_on_signals(tmp_path, fp32_model, bus_video, signum):
 
 
 def test_demo_without_shared_data_says_what_to_pass(tmp_path):
-    result = run_cli("demo", "--shared", str(tmp_path))
+    result = run_cli("demo", "--no-services", "--shared", str(tmp_path))
     assert_user_error(result, "--model PATH/yolov8n-coco-fp32.onnx --source", code=2)
 
 
 def test_demo_runs_end_to_end_and_prints_a_latency_summary(shared, tmp_path):
-    result = run_cli("demo", "--frames", "15", env={"XDG_CACHE_HOME": str(tmp_path)})
+    result = run_cli(
+        "demo", "--no-services", "--frames", "15", env={"XDG_CACHE_HOME": str(tmp_path)}
+    )
     assert result.returncode == 0, result.stderr
     assert "processed 15 frames" in result.stdout
     assert "inference" in result.stdout and "p95 ms" in result.stdout

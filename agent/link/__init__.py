@@ -7,9 +7,11 @@ model commands reach the model manager through the ``ModelControl`` interface th
 
 from agent.link.commands import CommandError, CommandRouter
 from agent.link.events import CounterWatch, Events, Watched
+from agent.link.fleet_view import DeviceView, FleetView
 from agent.link.handlers import CommandHandlers, ModelControl
 from agent.link.housekeeping import Housekeeper
 from agent.link.messages import encode, model_ref, model_state, status
+from agent.link.mqtt import describe_reason, new_client
 from agent.link.outbox import Outbox
 from agent.link.probes import SystemProbes
 from agent.link.session import Link, MqttSink
@@ -20,7 +22,9 @@ __all__ = [
     "CommandHandlers",
     "CommandRouter",
     "CounterWatch",
+    "DeviceView",
     "Events",
+    "FleetView",
     "Housekeeper",
     "Link",
     "ModelControl",
@@ -29,8 +33,10 @@ __all__ = [
     "SystemProbes",
     "Telemetry",
     "Watched",
+    "describe_reason",
     "encode",
     "model_ref",
     "model_state",
+    "new_client",
     "status",
 ]

@@ -90,6 +90,44 @@ def _check_readable(path: Path | None, field: str) -> None:
         raise ConfigError(f"mqtt.tls.{field}: file not found: {path}")
 
 
+def new_client(config: MqttConfig, client_id: str) -> paho.Client:
+    """A paho client with the protocol, credentials and TLS of ``config`` (agent and watch alike).
+
+    Raises:
+        ConfigError: a password or certificate file that cannot be read.
+    """
+    protocol = paho.MQTTv5 if config.protocol == "5" else paho.MQTTv311
+    kwargs: dict[str, Any] = {
+        "callback_api_version": CallbackAPIVersion.VERSION2,
+        "client_id": client_id,
+        "protocol": protocol,
+    }
+    if protocol == paho.MQTTv311:
+        kwargs["clean_session"] = True
+    client = paho.Client(**kwargs)
+    client.enable_logger(logging.getLogger("paho"))
+    if config.username is not None:
+        client.username_pw_set(config.username, read_password(config))
+    if config.tls is not None:
+        tls = config.tls
+        _check_readable(tls.ca_file, "ca_file")
+        _check_readable(tls.cert_file, "cert_file")
+        _check_readable(tls.key_file, "key_file")
+        try:
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+                cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
+            )
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"mqtt.tls: cannot load certificates: {exc}") from None
+        if tls.insecure:
+            log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT checked")
+            client.tls_insecure_set(True)
+    return client
+
+
 def describe_reason(reason: ReasonCode | int | None) -> str:
     if reason is None:
         return "unknown"
@@ -126,41 +164,12 @@ class MqttLink:
         self._on_connected = on_connected
         self._on_message = on_message
         self._subscriptions = [self.topics.device("cmd/#"), *(subscriptions or [])]
-        protocol = paho.MQTTv5 if config.protocol == "5" else paho.MQTTv311
-        client_id = config.client_id or f"edge-agent-{device_id}"
-        kwargs: dict[str, Any] = {
-            "callback_api_version": CallbackAPIVersion.VERSION2,
-            "client_id": client_id,
-            "protocol": protocol,
-        }
-        if protocol == paho.MQTTv311:
-            kwargs["clean_session"] = True
-        client = paho.Client(**kwargs)
-        client.enable_logger(logging.getLogger("paho"))
+        client = new_client(config, config.client_id or f"edge-agent-{device_id}")
         client.max_inflight_messages_set(config.inflight)
         client.reconnect_delay_set(
             int(config.reconnect_min_s) or 1, int(config.reconnect_max_s) or 1
         )
         client.will_set(self.topics.status, last_will, qos=1, retain=True)
-        if config.username is not None:
-            client.username_pw_set(config.username, read_password(config))
-        if config.tls is not None:
-            tls = config.tls
-            _check_readable(tls.ca_file, "ca_file")
-            _check_readable(tls.cert_file, "cert_file")
-            _check_readable(tls.key_file, "key_file")
-            try:
-                client.tls_set(
-                    ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                    certfile=str(tls.cert_file) if tls.cert_file else None,
-                    keyfile=str(tls.key_file) if tls.key_file else None,
-                    cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
-                )
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                raise ConfigError(f"mqtt.tls: cannot load certificates: {exc}") from None
-            if tls.insecure:
-                log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT checked")
-                client.tls_insecure_set(True)
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
