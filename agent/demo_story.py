@@ -9,6 +9,7 @@ publishing. Every figure in the summary comes from the MQTT topics a subscriber 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
@@ -261,12 +262,12 @@ class Story:
     def stop_all(self) -> None:
         for process in reversed(self.children):
             if process.poll() is None:
-                with _quiet():
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
                 try:
                     process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    with _quiet():
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(process.pid, signal.SIGKILL)
         self.children.clear()
         if self.watcher is not None:
@@ -462,14 +463,6 @@ class Story:
 
 
 # -- small helpers ------------------------------------------------------------------------------
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is ProcessLookupError
-
-
 def mosquitto() -> str | None:
     found = shutil.which("mosquitto")
     if found:
@@ -525,10 +518,9 @@ def run(options: StoryOptions) -> int:
     from rich.console import Console
 
     story = Story(options)
-    stop = threading.Event()
     previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: (stop.set(), _raise_interrupt()))
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops it like Ctrl-C
+        signal.signal(signal.SIGTERM, lambda *_: _raise_interrupt())
     try:
         summary = story.tell()
     finally:

@@ -229,6 +229,8 @@ def render(snapshot: dict[str, Any]) -> Any:
 
 def run_watch(args: Any) -> int:
     """The ``watch`` command; returns its exit status."""
+    if args.json and not args.once:
+        raise ConfigError("--json needs --once (the live view is for a terminal)")
     config = watch_config(args)
     view = FleetView(config.prefix, None if args.all else args.device)
     watcher = Watcher(config, view)
