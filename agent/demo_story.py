@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from agent.config import MqttConfig
@@ -86,10 +87,8 @@ class Recorder:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 2)
+    """As the agent's own latency windows compute it (numpy, interpolated)."""
+    return round(float(np.percentile(values, q)), 2) if values else None
 
 
 def phase_figures(recorder: Recorder, version: str, since: float, until: float) -> dict[str, Any]:
@@ -386,7 +385,7 @@ class Story:
         """Everything from the device: into the recorder, and on into the watch view."""
         self.recorder.take(message.topic, message.payload, time.time())
         if self.watcher is not None:
-            self.watcher._on_message(client, userdata, message)
+            self.watcher.take(message.topic, message.payload)
 
     def show(self) -> None:
         if self.watcher is None:

@@ -131,10 +131,14 @@ class Watcher:
                 client.subscribe(topic, qos=0)
         self._connack.set()
 
-    def _on_message(self, client, userdata, message) -> None:
+    def take(self, topic: str, payload: bytes) -> None:
+        """One message into the view (paho's thread, or a caller that routes its own)."""
         with self.lock:
-            self.view.update(message.topic, message.payload)
+            self.view.update(topic, payload)
         self.changed.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        self.take(message.topic, message.payload)
 
 
 def settle(watcher: Watcher, wait_s: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +48,7 @@ class DeviceView:
         gpus = telemetry.get("gpus") or []
         temperatures = system.get("temperatures_c") or {}
         detections = (self.detections or {}).get("detections") or []
-        labels: dict[str, int] = {}
-        for detection in detections:
-            labels[detection.get("label", "?")] = labels.get(detection.get("label", "?"), 0) + 1
+        labels = Counter(detection.get("label", "?") for detection in detections)
         return {
             "device_id": self.device_id,
             "state": status.get("state", "unknown"),
@@ -71,7 +69,7 @@ class DeviceView:
             "gpu_percent": gpus[0].get("util_percent") if gpus else None,
             "npu_percent": (telemetry.get("npu") or {}).get("load_percent"),
             "outbox_depth": (telemetry.get("outbox") or {}).get("depth"),
-            "last_detections": labels,
+            "last_detections": dict(labels),
             "events": [
                 {k: e.get(k) for k in ("timestamp", "level", "kind", "message")}
                 for e in self.events
