@@ -576,14 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path)
     check.set_defaults(func=cmd_config_check)
+    show = config_sub.add_parser("show", help="print the effective config, secrets masked")
+    show.add_argument("-c", "--config", type=Path, help="YAML config file")
+    show.set_defaults(func=cmd_config_show)
+
     watch = sub.add_parser(
         "watch", help="a live view of the fleet, built only from its MQTT topics"
     )
     add_watch_arguments(watch)
     watch.set_defaults(func=cmd_watch)
-    show = config_sub.add_parser("show", help="print the effective config, secrets masked")
-    show.add_argument("-c", "--config", type=Path, help="YAML config file")
-    show.set_defaults(func=cmd_config_show)
     return parser
 
 
