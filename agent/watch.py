@@ -276,22 +276,27 @@ def _live(watcher: Watcher) -> int:
         return 0
 
 
-def add_arguments(parser: Any) -> None:
+def add_broker_arguments(parser: Any) -> None:
+    """How to reach the fleet's broker: shared by ``watch`` and ``edge-models rollout --auto``."""
     parser.add_argument("--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
     parser.add_argument("-c", "--config", type=Path, help="take the mqtt section of this config")
     parser.add_argument("--prefix", help="topic prefix (default: the config's, else edge)")
-    who = parser.add_mutually_exclusive_group()
-    who.add_argument("--device", help="only this device id")
-    who.add_argument("--all", action="store_true", help="every device (the default)")
     parser.add_argument("--username")
     parser.add_argument("--password-file", type=Path, help="file whose first line is the password")
     parser.add_argument("--ca-file", type=Path)
     parser.add_argument("--cert-file", type=Path)
     parser.add_argument("--key-file", type=Path)
     parser.add_argument("--insecure", action="store_true", help="do not check the broker's cert")
+    parser.add_argument("--timeout", type=float, default=5.0, help="connect timeout (s)")
+
+
+def add_arguments(parser: Any) -> None:
+    add_broker_arguments(parser)
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument("--device", help="only this device id")
+    who.add_argument("--all", action="store_true", help="every device (the default)")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true", help="with --once: the snapshot as JSON")
     parser.add_argument(
         "--wait", type=float, default=5.0, help="with --once: seconds to gather (default 5)"
     )
-    parser.add_argument("--timeout", type=float, default=5.0, help="connect timeout (s)")

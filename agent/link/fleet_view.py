@@ -79,21 +79,28 @@ class DeviceView:
 
 
 class FleetView:
-    def __init__(self, prefix: str = "edge", device: str | None = None) -> None:
+    def __init__(
+        self, prefix: str = "edge", device: str | None = None, leaves: tuple[str, ...] = LEAVES
+    ) -> None:
         self.prefix = prefix
         self.device = device  # None: every device under the prefix
+        self.leaves = leaves  # the topics followed (a rollout reads only status and model)
         self.devices: dict[str, DeviceView] = {}
         self.malformed = 0
 
     def topics(self) -> list[str]:
         who = self.device or "+"
-        return [f"{self.prefix}/{who}/{leaf}" for leaf in LEAVES]
+        return [f"{self.prefix}/{who}/{leaf}" for leaf in self.leaves]
 
     def update(self, topic: str, payload: bytes) -> DeviceView | None:
         """Take one message; returns the device it was about (None: not a topic of the view)."""
         parts = topic.split("/")
         head = self.prefix.split("/")
-        if len(parts) != len(head) + 2 or parts[: len(head)] != head or parts[-1] not in LEAVES:
+        if (
+            len(parts) != len(head) + 2
+            or parts[: len(head)] != head
+            or parts[-1] not in self.leaves
+        ):
             return None
         device_id, leaf = parts[-2], parts[-1]
         if self.device is not None and device_id != self.device:

@@ -99,6 +99,8 @@ class Release(_Lenient):
     min_agent_version: SemVer = "0.0.0"
     variants: dict[Target, Variant] = Field(min_length=1)
     published: str | None = None
+    rollout_updated: str | None = None  # when rollout_percent last changed (ISO 8601, UTC)
+    withdrawn: str | None = None  # why: devices that have not taken it never will
 
 
 class ChannelIndex(_Lenient):

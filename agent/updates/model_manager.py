@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import queue
-import random
 import threading
 import time
 import uuid
@@ -26,7 +25,7 @@ from agent.config import AgentConfig
 from agent.updates import startup
 from agent.updates.live_model import LiveModel, ManagerError
 from agent.updates.model_store import ModelStore, SlotRecord, StoreError, StoreState, write_atomic
-from agent.updates.ota import ChannelClient, OtaError
+from agent.updates.ota import ChannelClient, OtaError, announce_delay, poll_delay
 from agent.updates.update_flow import UpdateFlow
 from agent.vision import Backend, ModelStats
 
@@ -99,8 +98,7 @@ class ModelManager:
 
     def nudge(self, max_delay_s: float | None = None) -> None:
         """Check soon: after a random 0..max_delay_s, so a fleet does not arrive at once."""
-        spread = self.ota.announce_jitter_s if max_delay_s is None else max_delay_s
-        at = time.monotonic() + random.uniform(0, spread)
+        at = time.monotonic() + announce_delay(self.ota, max_delay_s)
         self._nudge_at = at if self._nudge_at is None else min(self._nudge_at, at)
 
     def submit(self, action: str, args: dict[str, Any] | None = None) -> Request:
@@ -115,9 +113,7 @@ class ModelManager:
         return request.result or {"ok": False, "error": "no result"}
 
     def _next_poll(self, first: bool = False) -> float:
-        base = self.ota.first_check_s if first else self.ota.poll_interval_s
-        jitter = random.uniform(-self.ota.poll_jitter, self.ota.poll_jitter)
-        return time.monotonic() + max(0.0, base * (1 + jitter))
+        return time.monotonic() + poll_delay(self.ota, first)
 
     def _run(self) -> None:
         next_poll = self._next_poll(first=True)
@@ -192,6 +188,7 @@ class ModelManager:
         data["base"] = self.live.base.model_dump() if self.live.base else None
         data["target"] = self.target
         data["model_name"] = self.live.model_name
+        data["channel"] = self.ota.channel_name
         data["progress"] = self.live.progress or None
         progress = self.live.probation_progress()
         if progress is not None:

@@ -14,6 +14,7 @@ Every failure leaves as an ``OtaError`` whose ``kind`` says which check refused 
 from __future__ import annotations
 
 import logging
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,18 @@ def classify(exc: BaseException) -> OtaError:
     return OtaError("error", f"{type(exc).__name__}: {exc}")
 
 
+def poll_delay(config: OtaConfig, first: bool = False) -> float:
+    """Seconds to the next poll: interval x (1 +- jitter), so a fleet started together drifts."""
+    base = config.first_check_s if first else config.poll_interval_s
+    return max(0.0, base * (1 + random.uniform(-config.poll_jitter, config.poll_jitter)))
+
+
+def announce_delay(config: OtaConfig, max_delay_s: float | None = None) -> float:
+    """Seconds from an announce to the check: random 0..jitter, so a fleet does not come at once."""
+    spread = config.announce_jitter_s if max_delay_s is None else max_delay_s
+    return random.uniform(0, spread)
+
+
 @dataclass
 class Offer:
     """A release this device should install, with its signed descriptor and model target."""
@@ -103,8 +116,9 @@ def choose(
 ) -> tuple[Release, str, Variant] | None:
     """The newest release for this model line, target and device; None: nothing to do.
 
-    A pin selects exactly that version (rollout and rejections aside: a person asked for it).
-    Otherwise only newer versions this agent can run, inside their rollout, not rejected here.
+    A pin selects exactly that version (rollout, withdrawal and rejections aside: a person asked
+    for it). Otherwise only newer versions this agent can run, inside their rollout, not withdrawn,
+    not rejected here.
     """
     rejected = rejected or {}
     agent = semver_key(__version__)
@@ -116,7 +130,9 @@ def choose(
             if release.version != pinned:
                 continue
         else:
-            if release.version in rejected or semver_key(release.min_agent_version) > agent:
+            if release.withdrawn is not None or release.version in rejected:
+                continue
+            if semver_key(release.min_agent_version) > agent:
                 continue
             if active_version is not None and semver_key(release.version) <= semver_key(
                 active_version
