@@ -17,7 +17,7 @@ from agent import __version__
 from agent.errors import AgentError
 from models.errors import FactoryError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE, EXIT_HALTED = 0, 1, 2, 3, 4
 
 
 def _host_target() -> str:
@@ -238,11 +238,48 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from models.channel import set_rollout
+    from models.channel import set_rollout, withdraw
 
+    if args.auto:
+        return _auto_rollout(args)
+    if args.withdraw is not None:
+        release = withdraw(args.channel, args.keys, args.name, args.version, args.withdraw)
+        print(f"{args.name} {args.version}: withdrawn ({release.withdrawn}); rollout now 0%")
+        return EXIT_OK
     old = set_rollout(args.channel, args.keys, args.name, args.version, args.percent)
     print(f"{args.name} {args.version}: rollout {old:g}% -> {args.percent:g}%")
     return EXIT_OK
+
+
+def _auto_rollout(args: argparse.Namespace) -> int:
+    """The health-gated controller: 0 while it goes well or is done, EXIT_HALTED on a halt."""
+    from agent.watch import watch_config
+    from models.channel.rollout import RolloutPolicy, parse_steps
+    from models.channel.rollout_controller import ControllerSettings, RolloutController
+
+    if args.interval <= 0 or args.wait < 0:
+        raise FactoryError("--interval must be > 0 and --wait >= 0")
+    try:
+        policy = RolloutPolicy(
+            steps=parse_steps(args.steps),
+            max_failure_rate=args.max_failure_rate,
+            min_outcomes=args.min_outcomes,
+            success_share=args.success_share,
+            soak_s=args.soak,
+            withdraw_on_halt=args.withdraw_on_halt,
+        )
+    except ValueError as exc:
+        raise FactoryError(str(exc)) from None
+    settings = ControllerSettings(
+        args.channel, args.keys, args.name, args.version, policy, args.log, not args.no_announce
+    )
+    controller = RolloutController(settings, watch_config(args))  # an unknown release stops here
+    controller.connect(args.timeout, args.wait)  # and an unreachable broker here: nothing signed
+    try:
+        decision = controller.run(args.interval, args.once)
+    finally:
+        controller.close()
+    return EXIT_HALTED if decision.action == "halt" else EXIT_OK
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -268,6 +305,8 @@ def _target_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.watch import add_broker_arguments
+
     parser = argparse.ArgumentParser(
         prog="edge-models",
         description="Quantize, evaluate, gate and golden-record YOLOv8 models for edge-agent.",
@@ -395,12 +434,40 @@ def build_parser() -> argparse.ArgumentParser:
     _target_arguments(p)
     p.set_defaults(func=cmd_publish)
 
-    r = sub.add_parser("rollout", help="change the share of devices a release goes to")
+    r = sub.add_parser(
+        "rollout",
+        help="set, withdraw or drive (--auto) the share of devices a release goes to",
+        description="--percent sets the share by hand; --withdraw stops every device that has "
+        "not taken the release; --auto raises the share step by step while the devices that took "
+        "it commit it, and halts when failures in the cohort pass --max-failure-rate (exit 4).",
+    )
     r.add_argument("--channel", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True, help="online keys (no root key needed)")
     r.add_argument("--name", required=True)
     r.add_argument("--version", dest="version", required=True)
-    r.add_argument("--percent", type=float, required=True)
+    mode = r.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--percent", type=float, help="set the share (0-100)")
+    mode.add_argument("--withdraw", metavar="REASON", help="withdraw the release, saying why")
+    mode.add_argument("--auto", action="store_true", help="health-gated staged rollout")
+    auto = r.add_argument_group("--auto")
+    auto.add_argument("--steps", default="1,5,25,100", help="percent steps (default 1,5,25,100)")
+    auto.add_argument("--max-failure-rate", type=float, default=0.10, help="halt above (0.10)")
+    auto.add_argument(
+        "--min-outcomes", type=int, default=5, help="outcomes before a halt can trigger (5)"
+    )
+    auto.add_argument(
+        "--success-share", type=float, default=0.90, help="committed share before a raise (0.90)"
+    )
+    auto.add_argument("--soak", type=float, default=600.0, help="seconds at a step, at least (600)")
+    auto.add_argument("--interval", type=float, default=30.0, help="seconds between decisions")
+    auto.add_argument("--once", action="store_true", help="one decision, then exit (for cron)")
+    auto.add_argument("--withdraw-on-halt", action="store_true", help="a halt also withdraws")
+    auto.add_argument("--no-announce", action="store_true", help="do not announce a raise")
+    auto.add_argument("--log", type=Path, help="append every decision to this JSON-lines file")
+    auto.add_argument(
+        "--wait", type=float, default=5.0, help="at most this long to read retained state (5 s)"
+    )
+    add_broker_arguments(auto)
     r.set_defaults(func=cmd_rollout)
 
     f = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")

@@ -13,6 +13,7 @@ from models.channel.publish import (
     publish,
     refresh,
     set_rollout,
+    withdraw,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "publish",
     "refresh",
     "set_rollout",
+    "withdraw",
 ]

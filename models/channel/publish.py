@@ -336,6 +336,7 @@ def publish(
                 min_agent_version=min_agent_version,
                 variants={target: variant},
                 published=_now().isoformat(),
+                rollout_updated=_now().isoformat(),
             )
             index.releases.append(release)
         else:
@@ -347,19 +348,58 @@ def publish(
     )
 
 
-def set_rollout(channel: Path, keys: Path, name: str, version: str, percent: float) -> float:
-    """Change a release's rollout percentage; returns the old one."""
-    if not 0.0 <= percent <= 100.0:
-        raise FactoryError(f"rollout must be between 0 and 100, got {percent:g}")
+def _edit_release(
+    channel: Path, keys: Path, name: str, version: str, change: Any
+) -> tuple[Release, int]:
+    """Apply ``change(release)`` to one release of the index and sign the result (online keys)."""
     with open_repository(channel, keys) as repo:
         index = repo.index()
         release = index.release(name, version)
         if release is None:
             raise FactoryError(f"{name} {version} is not in channel {channel}")
-        old, release.rollout_percent = release.rollout_percent, percent
+        change(release)
         repo.write_index(index)
-        repo.commit()
-    return old
+        return release, repo.commit()
+
+
+def set_rollout(channel: Path, keys: Path, name: str, version: str, percent: float) -> float:
+    """Change a release's rollout percentage; returns the old one.
+
+    Raises:
+        FactoryError: percent out of 0..100, an unknown or a withdrawn release.
+    """
+    if not 0.0 <= percent <= 100.0:
+        raise FactoryError(f"rollout must be between 0 and 100, got {percent:g}")
+    old: list[float] = []
+
+    def change(release: Release) -> None:
+        if release.withdrawn is not None:
+            raise FactoryError(
+                f"{name} {version} was withdrawn ({release.withdrawn}): publish a new version"
+            )
+        old.append(release.rollout_percent)
+        release.rollout_percent = percent
+        release.rollout_updated = _now().isoformat()
+
+    _edit_release(channel, keys, name, version, change)
+    return old[0]
+
+
+def withdraw(channel: Path, keys: Path, name: str, version: str, reason: str) -> Release:
+    """Mark a release withdrawn: devices that have not taken it never will.
+
+    Its rollout also drops to 0 so that agents older than the ``withdrawn`` field stop too.
+    Devices already running it keep it (a rollback is a device's own decision, or a pin)."""
+    if not reason.strip():
+        raise FactoryError("a withdrawal needs a reason (devices and operators read it)")
+
+    def change(release: Release) -> None:
+        release.withdrawn = reason.strip()
+        release.rollout_percent = 0.0
+        release.rollout_updated = _now().isoformat()
+
+    release, _ = _edit_release(channel, keys, name, version, change)
+    return release
 
 
 def refresh(channel: Path, keys: Path) -> int:
