@@ -24,9 +24,12 @@ worker_processes 1;
 pid {home}/nginx.pid;
 error_log {home}/error.log info;
 {user}
-events {{ worker_connections 64; }}
+worker_rlimit_nofile {files};
+events {{ worker_connections {connections}; }}
 http {{
+    log_format timed '$msec $status $body_bytes_sent "$request"';
     access_log {home}/access.log;
+    access_log {home}/timed.log timed;
     client_body_temp_path {home}/tmp/body;
     proxy_temp_path {home}/tmp/proxy;
     fastcgi_temp_path {home}/tmp/fastcgi;
@@ -44,13 +47,14 @@ http {{
 
 
 class Nginx:
-    def __init__(self, home: Path, root: Path, rate: str = "0") -> None:
+    def __init__(self, home: Path, root: Path, rate: str = "0", connections: int = 64) -> None:
         if not Path(NGINX).exists():
             raise RuntimeError(
                 "nginx is not installed: the OTA tests serve the channel with Debian's "
                 "nginx-light (scripts/setup.sh installs it)"
             )
         self.home, self.root, self.rate = home, root, rate
+        self.connections = connections  # a simulated fleet keeps one keep-alive per device
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         (home / "tmp").mkdir(parents=True, exist_ok=True)
@@ -64,7 +68,15 @@ class Nginx:
         # as root, workers would drop to 'nobody' and could not read pytest's private tmp dirs
         user = "user root;" if os.geteuid() == 0 else ""
         config.write_text(
-            CONFIG.format(home=self.home, root=self.root, port=self.port, rate=self.rate, user=user)
+            CONFIG.format(
+                home=self.home,
+                root=self.root,
+                port=self.port,
+                rate=self.rate,
+                user=user,
+                connections=self.connections,
+                files=2 * self.connections + 64,
+            )
         )
         return config
 
@@ -102,6 +114,17 @@ class Nginx:
     def log(self) -> str:
         path = self.home / "error.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def requests(self) -> list[tuple[float, int, int, str]]:
+        """Every request so far as (time, status, body bytes, path), from the timed log."""
+        rows = []
+        log = self.home / "timed.log"
+        for line in log.read_text().splitlines() if log.exists() else []:
+            head, _, request = line.partition(' "')
+            when, status, sent = head.split()
+            path = request.split(" ")[1] if " " in request else request
+            rows.append((float(when), int(status), int(sent), path))
+        return rows
 
     def bytes_sent(self, suffix: str) -> int:
         """Body bytes nginx sent for request paths ending with ``suffix`` (from access.log)."""

@@ -30,7 +30,11 @@ def registry() -> Registry:
 
 
 def schema_for(topic: str) -> dict:
-    leaf = "command-result" if topic.endswith("/result") else BY_LEAF[topic.split("/", 2)[2]]
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[1] == "fleet":  # {prefix}/fleet/{channel}/rollout|announce
+        leaf = parts[3]
+    else:
+        leaf = "command-result" if topic.endswith("/result") else BY_LEAF[topic.split("/", 2)[2]]
     return json.loads((SCHEMAS / f"{leaf}.schema.json").read_text())
 
 
