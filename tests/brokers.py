@@ -105,6 +105,7 @@ class Mosquitto:
         acl: str | None = None,
         tls: TlsFiles | None = None,
         persistence: bool = False,
+        sys_interval_s: int = 10,
     ) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -119,6 +120,7 @@ class Mosquitto:
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {folder}/",
             "max_queued_messages 100000",
+            f"sys_interval {sys_interval_s}",  # $SYS statistics (mosquitto's default: 10 s)
         ]
         if users:
             passwords = folder / "passwords"

@@ -46,6 +46,9 @@ class MqttLoop:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(
+            False
+        )  # the loop thread wakes itself too: never block on a full pipe
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mqtt-loop", daemon=True)
@@ -252,13 +255,17 @@ class SimulatedDevice:
             if self.nudged_at is not None and self.nudged_at <= at:
                 return  # an earlier nudge is already pending, as ModelManager.nudge keeps
             self.nudged_at = at
-        self.fleet.scheduler.at(delay, lambda: self.check("announce"))
+        self.fleet.scheduler.at(delay, lambda: self.check("announce", at))
 
     # -- the OTA flow, inference aside -------------------------------------------------------------
     def schedule_poll(self, first: bool = False) -> None:
-        self.fleet.scheduler.at(poll_delay(self.ota, first), lambda: self.check("poll"))
+        delay = poll_delay(self.ota, first)
+        due = time.monotonic() + delay
+        self.fleet.scheduler.at(delay, lambda: self.check("poll", due))
 
-    def check(self, trigger: str) -> None:
+    def check(self, trigger: str, due: float) -> None:
+        """A check, as the model manager runs one; ``due`` is when its timer said (the lag
+        behind it shows whether the simulation kept up)."""
         with self.lock:
             if trigger == "announce":
                 self.nudged_at = None
@@ -266,16 +273,16 @@ class SimulatedDevice:
                 return
             self.checking = True
         try:
-            self._check(trigger)
+            self._check(trigger, time.monotonic() - due)
         finally:
             with self.lock:
                 self.checking = False
             if trigger == "poll":
                 self.schedule_poll()
 
-    def _check(self, trigger: str) -> None:
+    def _check(self, trigger: str, lag_s: float) -> None:
         s = self.fleet.settings
-        self.fleet.record(self, "check", None, trigger=trigger)
+        self.fleet.record(self, "check", None, trigger=trigger, lag_s=round(lag_s, 3))
         try:
             offer = self.client.find(
                 s.model_name, s.target, self.running, self.state.pinned, self.state.rejected
