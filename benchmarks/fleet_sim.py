@@ -6,8 +6,9 @@ a real nginx serves on loopback, through one real mosquitto. ``edge-models rollo
 real command, in its own process) takes a good release through its steps, then a bad one, which
 it must halt and withdraw at the first cohort. One run measures, side by side:
 
-- requests per second at the channel server after each announce: peak 1 s bin vs the mean over
-  the announce jitter window, and the bytes served (metadata vs models);
+- requests per second and Mbit/s at the channel server after each announce: peak 1 s bin vs the
+  mean over the announce window (the device jitter, or the longer ``spread_s`` the controller asks
+  for to keep a large step under ``--egress-mbps``), and the bytes served (metadata vs models);
 - devices updated per rollout step, against the cohort each step reaches;
 - that raising the share only ever added devices (no device took a release before the raise that
   put it in the cohort) and that the bad release never went past its first cohort;
@@ -15,7 +16,7 @@ it must halt and withdraw at the first cohort. One run measures, side by side:
   behind their jittered timers (whether this machine kept up).
 
 Usage: python benchmarks/fleet_sim.py [--devices 1000] [--jitter 30] [--soak 20]
-           [--good-fail 0.005] [--bad-fail 0.3] [--out out/fleet_sim] [--shared DIR]
+           [--egress-mbps 400] [--good-fail 0.005] [--bad-fail 0.3] [--out out/fleet_sim]
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def window_rates(requests: list[tuple], start: float, length: float) -> dict[str
     """Requests per 1 s bin in [start, start + length): peak, mean, their ratio, and what for."""
     inside = [r for r in requests if start <= r[0] < start + length]
     bins = Counter(int(t - start) for t, *_ in inside)
+    megabits = Counter()
+    for t, _, sent, _ in inside:
+        megabits[int(t - start)] += sent * 8 / 1e6
     counts = [bins.get(i, 0) for i in range(max(1, int(length)))]
     mean = sum(counts) / len(counts) if counts else 0.0
     peak = max(counts, default=0)
@@ -110,6 +114,8 @@ def window_rates(requests: list[tuple], start: float, length: float) -> dict[str
         "peak_rps": peak,
         "mean_rps": round(mean, 1),
         "peak_to_mean": round(peak / mean, 2) if mean else 0.0,
+        "peak_mbps": round(max(megabits.values(), default=0.0)),
+        "mean_mbps": round(sum(megabits.values()) / max(1, int(length))),
         "kinds": dict(Counter(kind(path, status) for _, status, _, path in inside)),
     }
 
@@ -124,11 +130,15 @@ def analyse(fleet: SimulatedFleet, server: Nginx, logs: dict[str, Path], args) -
     for n, decision in enumerate(announced):
         start = decision["timestamp"]  # until the jitter is out, or the next announce
         later = [d["timestamp"] for d in announced[n + 1 : n + 2]] or [args.reannounced]
-        ends = [start + args.jitter + 5, *later]
+        spread = max(args.jitter, decision.get("spread_s") or 0.0)
+        ends = [start + spread + 5, *later]
         rates = window_rates(requests, start, min(ends) - start)
-        announces.append({"version": decision["version"], "to": decision["new_percent"], **rates})
+        announces.append({
+            "version": decision["version"], "to": decision["new_percent"],
+            "spread_s": spread, **rates,
+        })  # fmt: skip
     rates = window_rates(requests, args.reannounced, args.jitter + 5)
-    announces.append({"version": BAD, "to": "withdrawn", **rates})
+    announces.append({"version": BAD, "to": "withdrawn", "spread_s": args.jitter, **rates})
     downloads = {
         (r.device_id, r.version): r.at for r in fleet.records if r.kind == "downloaded"
     }  # fmt: skip
@@ -270,6 +280,9 @@ def main() -> int:
     parser.add_argument("--good-fail", type=float, default=0.005, help="share failing 1.1.0")
     parser.add_argument("--bad-fail", type=float, default=0.3, help="share failing 1.2.0")
     parser.add_argument("--workers", type=int, default=8, help="threads doing device checks")
+    parser.add_argument(
+        "--egress-mbps", type=float, default=400.0, help="the good rollout's download budget"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "fleet_sim")
     parser.add_argument("--shared", type=Path)
     args = parser.parse_args()
@@ -303,7 +316,7 @@ def main() -> int:
         for log in logs.values():
             log.unlink(missing_ok=True)
         channel.publish(model, GOOD, golden, rollout_percent=0)
-        controller(channel, broker, GOOD, logs[GOOD], args)
+        controller(channel, broker, GOOD, logs[GOOD], args, "--egress-mbps", str(args.egress_mbps))
         channel.publish(model, BAD, golden, rollout_percent=0)
         controller(channel, broker, BAD, logs[BAD], args, "--withdraw-on-halt")
         print("announcing again after the withdrawal; waiting out the jitter", flush=True)
@@ -334,8 +347,9 @@ def report(summary: dict[str, Any], out: Path) -> None:
     print("after each announce (every device refreshes; the cohort downloads):")
     for a in summary["announces"]:
         to = f"{a['to']:g}%" if isinstance(a["to"], float | int) else a["to"]
-        print(f"  {a['version']} -> {to}: {a['requests']} requests, peak {a['peak_rps']}/s,"
-              f" mean {a['mean_rps']}/s, peak/mean {a['peak_to_mean']}")  # fmt: skip
+        print(f"  {a['version']} -> {to} (spread {a['spread_s']:g} s): {a['requests']} requests, "
+              f"peak {a['peak_rps']}/s, mean {a['mean_rps']}/s, peak/mean {a['peak_to_mean']}; "
+              f"{a['peak_mbps']} Mbit/s peak, {a['mean_mbps']} mean")  # fmt: skip
         print("    " + ", ".join(f"{k} {v}" for k, v in sorted(a["kinds"].items())))
     print("rollout steps (good release):")
     for s in summary["steps"]:

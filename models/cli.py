@@ -259,6 +259,8 @@ def _auto_rollout(args: argparse.Namespace) -> int:
 
     if args.interval <= 0 or args.wait < 0:
         raise FactoryError("--interval must be > 0 and --wait >= 0")
+    if args.egress_mbps is not None and not args.egress_mbps > 0:
+        raise FactoryError(f"--egress-mbps must be > 0, got {args.egress_mbps:g}")
     try:
         policy = RolloutPolicy(
             steps=parse_steps(args.steps),
@@ -271,7 +273,14 @@ def _auto_rollout(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise FactoryError(str(exc)) from None
     settings = ControllerSettings(
-        args.channel, args.keys, args.name, args.version, policy, args.log, not args.no_announce
+        args.channel,
+        args.keys,
+        args.name,
+        args.version,
+        policy,
+        args.log,
+        not args.no_announce,
+        args.egress_mbps,
     )
     controller = RolloutController(settings, watch_config(args))  # an unknown release stops here
     controller.connect(args.timeout, args.wait)  # and an unreachable broker here: nothing signed
@@ -463,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--once", action="store_true", help="one decision, then exit (for cron)")
     auto.add_argument("--withdraw-on-halt", action="store_true", help="a halt also withdraws")
     auto.add_argument("--no-announce", action="store_true", help="do not announce a raise")
+    auto.add_argument(
+        "--egress-mbps",
+        type=float,
+        help="a raise asks the devices it adds to spread their downloads so the channel serves "
+        "at most this many Mbit/s on average (devices never wait less than their own jitter)",
+    )
     auto.add_argument("--log", type=Path, help="append every decision to this JSON-lines file")
     auto.add_argument(
         "--wait", type=float, default=5.0, help="at most this long to read retained state (5 s)"

@@ -30,7 +30,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from agent.config import MqttConfig, OtaConfig
-from agent.link import encode, model_state, new_client, status
+from agent.link import announce_spread, encode, model_state, new_client, status
 from agent.updates.model_store import Probation, SlotRecord, StoreState
 from agent.updates.ota import ChannelClient, OtaError, announce_delay, poll_delay
 from agent.vision import BackendInfo
@@ -249,7 +249,9 @@ class SimulatedDevice:
         self.fleet.connected.add(self.device_id)
 
     def _on_message(self, client, userdata, message) -> None:
-        delay = announce_delay(self.ota)
+        delay = announce_delay(
+            self.ota, announce_spread(message.payload, self.ota.announce_jitter_s)
+        )
         with self.lock:
             at = time.monotonic() + delay
             if self.nudged_at is not None and self.nudged_at <= at:

@@ -10,11 +10,18 @@ import time
 
 import pytest
 
-from agent.link import model_state, status
+from agent.link import announce_spread, model_state, status
 from agent.updates.descriptor import INDEX_SCHEMA, ChannelIndex, Release, in_rollout
 from agent.updates.ota import choose
 from models.channel import set_rollout, withdraw
-from models.channel.rollout import DeviceReport, RolloutPolicy, decide, parse_steps, read_device
+from models.channel.rollout import (
+    DeviceReport,
+    RolloutPolicy,
+    decide,
+    download_spread_s,
+    parse_steps,
+    read_device,
+)
 from models.errors import FactoryError
 from tests.brokers import Subscriber
 from tests.schemas import validate
@@ -203,6 +210,31 @@ def test_device_reports_are_read_from_the_agent_s_own_messages():
     assert read_device("cam-3", None, {"ota": {"active": "garbage"}}) is None
 
 
+def test_a_raise_spreads_only_the_newcomers_downloads_over_the_egress_budget():
+    reports = fleet(25, 400, default="committed")  # the 25% cohort has the release already
+    newcomers = len(cohort(100, 400)) - len(cohort(25, 400))
+    spread = download_spread_s(release(25), reports, 100, egress_mbps=0.008)  # 1000 bytes/s
+    assert spread == pytest.approx(newcomers * 10 / 1000, abs=0.1)  # model_length is 10 bytes
+
+
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        (b"{}", 30.0),
+        (b'{"spread_s": 600}', 600.0),
+        (b'{"spread_s": 5}', 30.0),  # never sooner than the device's own jitter
+        (b'{"spread_s": 1e9}', 6 * 3600.0),
+        (b'{"spread_s": NaN}', 30.0),
+        (b'{"spread_s": true}', 30.0),
+        (b'{"spread_s": "600"}', 30.0),
+        (b"[1]", 30.0),
+        (b"\xff", 30.0),
+    ],
+)
+def test_an_announce_can_spread_a_fleet_out_but_never_hurry_it(payload, expected):
+    assert announce_spread(payload, 30.0) == expected
+
+
 # -- withdrawal on both ends --------------------------------------------------------------------
 def test_a_withdrawn_release_is_never_offered_except_to_a_pin():
     index = ChannelIndex.model_validate(
@@ -309,7 +341,7 @@ def test_a_good_release_reaches_everyone_in_steps_and_a_bad_one_halts_at_its_fir
     watcher = Subscriber(broker.port, ["edge/fleet/stable/+"]).start()
 
     channel.publish(dynamic_model, VERSION, golden_set, rollout_percent=0)
-    good = _controller(channel, broker, tmp_path, VERSION)
+    good = _controller(channel, broker, tmp_path, VERSION, "--egress-mbps", "1000")
     assert good.returncode == 0, good.stdout + good.stderr
     decisions = _decisions(tmp_path, VERSION)
     raises = [d for d in decisions if d["action"] == "raise"]
@@ -342,6 +374,9 @@ def test_a_good_release_reaches_everyone_in_steps_and_a_bad_one_halts_at_its_fir
     }
     for message in fleet_messages:  # every decision and announce, as the schemas say
         validate(message.topic, json.loads(message.payload))
+    announced = [json.loads(m.payload) for m in watcher.on("edge/fleet/stable/announce")]
+    assert [a["rollout_percent"] for a in announced if a["version"] == VERSION] == [10, 50, 100]
+    assert all("spread_s" in a for a in announced if a["version"] == VERSION)
     entry = index_of(channel.folder, channel.keys).release(NAME, bad)
     assert entry.withdrawn and entry.rollout_percent == 0
 

@@ -10,7 +10,7 @@ from agent.link.events import CounterWatch, Events, Watched
 from agent.link.fleet_view import DeviceView, FleetView
 from agent.link.handlers import CommandHandlers, ModelControl
 from agent.link.housekeeping import Housekeeper
-from agent.link.messages import encode, model_ref, model_state, status
+from agent.link.messages import announce_spread, encode, model_ref, model_state, status
 from agent.link.mqtt import describe_reason, new_client
 from agent.link.outbox import Outbox
 from agent.link.probes import SystemProbes
@@ -33,6 +33,7 @@ __all__ = [
     "SystemProbes",
     "Telemetry",
     "Watched",
+    "announce_spread",
     "describe_reason",
     "encode",
     "model_ref",

@@ -59,8 +59,8 @@ class ModelControl(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    def nudge(self) -> None:
-        """Check the channel soon (after the announce jitter)."""
+    def nudge(self, max_delay_s: float | None = None) -> None:
+        """Check the channel soon: after a random 0..max_delay_s (default: the announce jitter)."""
 
 
 class CommandHandlers:

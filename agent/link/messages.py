@@ -6,6 +6,7 @@ sends against it."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -17,6 +18,22 @@ TELEMETRY = "edge-agent/telemetry/v1"
 EVENT = "edge-agent/event/v1"
 MODEL = "edge-agent/model/v1"
 COMMAND_RESULT = "edge-agent/command-result/v1"
+
+
+MAX_ANNOUNCE_SPREAD_S = 6 * 3600.0
+
+
+def announce_spread(payload: bytes, own_jitter_s: float) -> float:
+    """How long a device may wait before it checks after an announce: its own jitter, or longer
+    when the announce asks the fleet to spread its downloads out (``spread_s``, at most 6 h).
+    Never shorter: a stray or hostile announce cannot make a fleet arrive at once."""
+    try:
+        asked = json.loads(payload).get("spread_s")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return own_jitter_s
+    if isinstance(asked, bool) or not isinstance(asked, int | float) or math.isnan(asked):
+        return own_jitter_s
+    return max(own_jitter_s, min(float(asked), MAX_ANNOUNCE_SPREAD_S))
 
 
 def model_ref(info: BackendInfo | None) -> dict[str, str] | None:

@@ -18,7 +18,7 @@ from agent.link.commands import CommandRouter
 from agent.link.events import Watched
 from agent.link.handlers import ModelControl
 from agent.link.home_assistant import home_assistant_configs
-from agent.link.messages import encode, model_state, status
+from agent.link.messages import announce_spread, encode, model_state, status
 from agent.link.mqtt import MqttLink, Publisher
 from agent.link.outbox import Outbox
 from agent.vision import BackendInfo, FrameResult
@@ -149,10 +149,11 @@ class Link:
             ),
         }
 
-    def _on_message(self, topic: str, _payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
         if self._control is not None and topic == self.announce_topic:
-            log.info("channel announce received: checking for a model update")
-            self._control.nudge()
+            spread = announce_spread(payload, self.config.ota.announce_jitter_s)
+            log.info("channel announce received: checking for a model update within %.0f s", spread)
+            self._control.nudge(spread)
 
     def _on_connected(self) -> None:
         """On every (re)connect: retained status, model and discovery configs."""

@@ -167,6 +167,7 @@ class Decision:
     counts: dict[str, int]
     failures: dict[str, str] = field(default_factory=dict)  # device -> why (first few)
     withdraw: bool = False
+    spread_s: float | None = None  # a raise: how long the newcomers should spread their downloads
     timestamp: float = field(default_factory=lambda: round(time.time(), 3))
 
     def message(self, channel: str) -> dict[str, Any]:
@@ -275,3 +276,25 @@ def decide(
     return decision(
         "raise", f"{committed} of {reachable} committed, {failed} failed at {percent:g}%", step
     )
+
+
+def download_spread_s(
+    release: Release,
+    devices: Iterable[DeviceReport],
+    new_percent: float,
+    egress_mbps: float,
+    channel: str | None = None,
+) -> float:
+    """Seconds over which the devices a raise adds should spread their downloads so that the
+    channel serves at most ``egress_mbps`` on average (the announce carries it as ``spread_s``;
+    a device never waits less than its own jitter)."""
+    newcomers = sum(
+        1
+        for d in devices
+        if eligible(d, release, channel)
+        and not took(d, release)
+        and in_rollout(d.device_id, release.name, release.version, new_percent)
+        and not in_rollout(d.device_id, release.name, release.version, release.rollout_percent)
+    )
+    size = max(variant.model_length for variant in release.variants.values())
+    return round(newcomers * size * 8 / (egress_mbps * 1e6), 1)

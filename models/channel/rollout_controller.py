@@ -22,7 +22,13 @@ from agent.link import FleetView
 from agent.updates.descriptor import Release
 from agent.watch import Watcher
 from models.channel.publish import open_repository, set_rollout, withdraw
-from models.channel.rollout import Decision, RolloutPolicy, decide, read_device
+from models.channel.rollout import (
+    Decision,
+    RolloutPolicy,
+    decide,
+    download_spread_s,
+    read_device,
+)
 from models.errors import FactoryError
 
 ANNOUNCE_SCHEMA = "edge-agent/announce/v1"
@@ -53,6 +59,7 @@ class ControllerSettings:
     policy: RolloutPolicy
     log: Path | None = None
     announce: bool = True
+    egress_mbps: float | None = None  # spread a raise's downloads to stay under this
 
 
 class RolloutController:
@@ -101,6 +108,10 @@ class RolloutController:
             views = list(self.view.devices.values())
         reports = [r for v in views if (r := read_device(v.device_id, v.status, v.model))]
         decision = decide(release, reports, s.policy, now, self.channel_name)
+        if decision.action == "raise" and s.egress_mbps is not None:
+            decision.spread_s = download_spread_s(
+                release, reports, decision.new_percent, s.egress_mbps, self.channel_name
+            )
         if decision.action == "raise":
             set_rollout(s.channel, s.keys, s.name, s.version, decision.new_percent)
         elif decision.withdraw:
@@ -120,13 +131,16 @@ class RolloutController:
             time.sleep(interval_s)
 
     def _announcement(self, decision: Decision) -> dict[str, Any]:
-        return {
+        message = {
             "schema": ANNOUNCE_SCHEMA,
             "name": decision.name,
             "version": decision.version,
             "rollout_percent": decision.new_percent,
             "timestamp": decision.timestamp,
         }
+        if decision.spread_s is not None:
+            message["spread_s"] = decision.spread_s
+        return message
 
     def _publish(self, topic: str, payload: dict[str, Any], retain: bool) -> None:
         info = self.watcher.client.publish(topic, json.dumps(payload), qos=1, retain=retain)
