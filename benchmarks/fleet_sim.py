@@ -51,7 +51,6 @@ SYS_TOPICS = (
     "$SYS/broker/clients/maximum",
     "$SYS/broker/messages/received",
     "$SYS/broker/messages/sent",
-    "$SYS/broker/publish/messages/received",
     "$SYS/broker/publish/messages/sent",
     "$SYS/broker/bytes/received",
     "$SYS/broker/bytes/sent",
@@ -171,6 +170,7 @@ def analyse(fleet: SimulatedFleet, server: Nginx, logs: dict[str, Path], args) -
     lags = [r.detail["lag_s"] for r in fleet.records if r.kind == "check"]
     by_kind = Counter(r.kind for r in fleet.records)
     model_bytes = sum(sent for _, status, sent, path in requests if path.endswith(".onnx"))
+    descriptor_bytes = sum(sent for *_, sent, path in requests if path.endswith("descriptor.json"))
     return {
         "devices": len(ids),
         "announce_jitter_s": args.jitter,
@@ -194,7 +194,8 @@ def analyse(fleet: SimulatedFleet, server: Nginx, logs: dict[str, Path], args) -
             "root_probes": sum(1 for _, _, _, path in requests if "root" in path),
             "bytes": sum(sent for _, _, sent, _ in requests),
             "model_bytes": model_bytes,
-            "metadata_bytes": sum(s for _, _, s, _ in requests) - model_bytes,
+            "descriptor_bytes": descriptor_bytes,
+            "metadata_bytes": sum(s for _, _, s, _ in requests) - model_bytes - descriptor_bytes,
             "bytes_per_request": {
                 what: round(statistics.mean(sizes))
                 for what, sizes in by_kind_sizes(requests).items()
@@ -353,8 +354,8 @@ def report(summary: dict[str, Any], out: Path) -> None:
         print("    " + ", ".join(f"{k} {v}" for k, v in sorted(a["kinds"].items())))
     print("rollout steps (good release):")
     for s in summary["steps"]:
-        print(f"  {s['percent']:g}%: cohort {s['cohort']} (+{s['new_in_cohort']}), updated in "
-              f"step {s['updated_in_step']}, only added devices: {s['only_added']}")  # fmt: skip
+        print(f"  {s['percent']:g}%: cohort {s['cohort']} (+{s['new_in_cohort']}), downloads "
+              f"during the step {s['updated_in_step']}, only added: {s['only_added']}")  # fmt: skip
     print(f"  devices that took it before their step: {summary['took_before_their_step']}")
     print(f"  final: {summary['good']['final']['action']} - {summary['good']['final']['reason']}")
     bad = summary["bad"]
@@ -366,12 +367,15 @@ def report(summary: dict[str, Any], out: Path) -> None:
     print(f"channel server: {c['requests']} requests ({c['errors']} errors; "
           f"{c['root_probes']} were TUF's look for a newer root), "
           f"{c['bytes'] / 1e6:.1f} MB ({c['model_bytes'] / 1e6:.1f} MB models, "
-          f"{c['metadata_bytes'] / 1e6:.2f} MB metadata)")  # fmt: skip
+          f"{c['descriptor_bytes'] / 1e6:.1f} MB descriptors, "
+          f"{c['metadata_bytes'] / 1e6:.2f} MB TUF metadata and index)")  # fmt: skip
     print("  bytes per request: " + ", ".join(
         f"{k} {v}" for k, v in sorted(c["bytes_per_request"].items())))  # fmt: skip
     b = summary["broker"]
-    print(f"broker: {b['clients/maximum']:.0f} clients at most, {b['messages/received']:.0f} "
-          f"messages received, {b['messages/sent']:.0f} sent (incl. $SYS)")  # fmt: skip
+    print(f"broker: {b['clients/maximum']:.0f} clients at most; MQTT packets in "
+          f"{b['messages/received']:.0f}, out {b['messages/sent']:.0f} (PUBLISH out "
+          f"{b['publish/messages/sent']:.0f}); {b['bytes/received'] / 1e6:.1f} MB in, "
+          f"{b['bytes/sent'] / 1e6:.1f} MB out (all incl. $SYS)")  # fmt: skip
     k = summary["checks"]
     print(f"device checks: {k['count']} ({k['errors']} errors); lag behind their timers "
           f"p50 {k['lag_p50_s']} s, p95 {k['lag_p95_s']} s, max {k['lag_max_s']} s; "
