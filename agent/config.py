@@ -77,11 +77,32 @@ class SourceConfig(StrictModel):
         return self
 
 
+class OpenVinoConfig(StrictModel):
+    """The OpenVINO backend's device and how it compiles the model."""
+
+    device: str = Field(
+        "CPU",
+        pattern=r"^[A-Z][A-Z0-9_.:,()-]*$",
+        description="OpenVINO device: CPU, GPU, GPU.1, NPU, or AUTO:GPU,CPU and the like.",
+    )
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
+        "LATENCY", description="LATENCY for one camera frame at a time (the loop's case)."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Compiled-model cache (default: <state_dir>/openvino): faster starts."
+    )
+
+
 class ModelConfig(StrictModel):
     """Which model runs, on which backend, with which providers."""
 
     path: Path = Field(description="ONNX model file.")
-    backend: str = "onnxruntime"
+    backend: str = Field(
+        "onnxruntime",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="onnxruntime (any CPU; CUDA and TensorRT providers) or openvino (Intel CPU, "
+        "GPU, NPU).",
+    )
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
         description="ONNX Runtime providers in fallback order (unavailable ones are skipped).",
@@ -93,6 +114,7 @@ class ModelConfig(StrictModel):
     names: dict[int, str] | None = Field(None, description="Override the model's class names.")
     imgsz: tuple[int, int] | None = Field(None, description="Override the model's input (h, w).")
     warmup_runs: int = Field(1, ge=0)
+    openvino: OpenVinoConfig = Field(default_factory=OpenVinoConfig)
 
     @field_validator("providers")
     @classmethod

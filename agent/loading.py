@@ -1,7 +1,8 @@
 """Model files into backends, with this agent's backend and options; the active model from disk.
 
 One place decides how a model file is loaded (backend name, providers, threads, the engine cache
-under ``state_dir/engines`` unless configured), so the start, an OTA candidate and the watchdog's
+under ``state_dir/engines`` and OpenVINO's compiled-model cache under ``state_dir/openvino``
+unless configured), so the start, an OTA candidate and the watchdog's
 reload all load a model the same way.
 """
 
@@ -19,6 +20,11 @@ class ModelLoader:
         options = config.model
         if options.engine_cache_dir is None:
             options = options.model_copy(update={"engine_cache_dir": config.state_dir / "engines"})
+        if options.openvino.cache_dir is None:
+            openvino = options.openvino.model_copy(
+                update={"cache_dir": config.state_dir / "openvino"}
+            )
+            options = options.model_copy(update={"openvino": openvino})
         self.options = options
         self.manager: ModelManager | None = None  # set when OTA is on: the active model is a slot
 

@@ -67,6 +67,7 @@ class ModelResult:
     agreement: float | None = None  # F1 of operating detections against the first model's
     quantization: dict[str, Any] = field(default_factory=dict)
     kernels: str = "native"  # where its outputs were computed
+    backend: str = "onnxruntime"  # the runtime that ran it (agent.vision backends)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,14 +193,20 @@ def evaluate(
     latency_rounds: int = 30,
     threads: int = 0,
     runners: list[KernelRunner | None] | None = None,
+    runtimes: list[str] | None = None,
 ) -> list[ModelResult]:
     """Evaluate every model on ``dataset``; the first is the reference for agreement.
 
     ``runners[i]``, when given and not None, computes model i's outputs on its target's kernels;
-    only models run natively are timed.
+    only models run natively are timed. ``runtimes[i]`` names the agent backend that runs model
+    i (default onnxruntime), so the same file can be compared across runtimes.
     """
     runners = runners or [None] * len(paths)
-    backends = [load_backend("onnxruntime", p, ModelConfig(path=p, threads=threads)) for p in paths]
+    runtimes = runtimes or ["onnxruntime"] * len(paths)
+    backends = [
+        load_backend(name, p, ModelConfig(path=p, backend=name, threads=threads))
+        for p, name in zip(paths, runtimes, strict=True)
+    ]
     try:
         inputs = [_inputs(b, dataset) for b in backends]
         outputs = [
@@ -254,6 +261,7 @@ def evaluate(
                     else agreement(operating_ref, operating),
                     quantization=quantization,
                     kernels=runner.describe() if runner is not None else "native",
+                    backend=backend.info.backend,
                 )
             )
             if operating_ref is None:

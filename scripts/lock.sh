@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 "${PYTHON:-python3}" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --upgrade pip
-"$work/venv/bin/python" -m pip install -q "$ROOT[dev,models]"
+"$work/venv/bin/python" -m pip install -q "$ROOT[dev,models,openvino]"
 {
   grep '^#' "$ROOT/constraints.txt"
   "$work/venv/bin/python" -m pip freeze --exclude-editable | grep -v -i '^edge-agent'

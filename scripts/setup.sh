@@ -34,9 +34,9 @@ stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | s
 if [ ! -f "$stamp" ]; then
   log "installing edge-agent with dev and models extras (pip, pinned by constraints.txt)"
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,models]" 2>&1 |
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,models,openvino]" 2>&1 |
     grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import agent, onnxruntime, cv2" # fail here, not in the tests, if pip did
+  "$VENV/bin/python" -c "import agent, onnxruntime, openvino, cv2" # fail here, not in the tests, if pip did
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

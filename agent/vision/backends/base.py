@@ -77,6 +77,7 @@ Loader = Callable[[Path, Any], Backend]
 # name -> module that registers it when imported
 BACKEND_MODULES: dict[str, str] = {
     "onnxruntime": "agent.vision.backends.onnxruntime",
+    "openvino": "agent.vision.backends.openvino",
 }
 _LOADERS: dict[str, Loader] = {}
 
@@ -141,6 +142,24 @@ def check_model_file(path: Path) -> None:
         raise ModelError(f"cannot read model file {path}: {exc}") from None
     if not head:
         raise ModelError(f"model file is empty: {path}")
+
+
+def model_identity(path: Path, metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(name, version) from the model's metadata, else its file name and content hash."""
+    version = metadata.get("model_version") or "sha256:" + file_digest(path)[:12]
+    return metadata.get("model_name", path.stem), version
+
+
+def warm_up(backend: Backend, path: Path, runs: int, dtype: Any = np.float32) -> None:
+    """Run blank frames before the first real one (allocators, kernels), so that one is not the
+    slowest; the first run also checks the output really is ``[1, 4+nc, N]``."""
+    blank = np.zeros(backend.info.input_shape, dtype=dtype)
+    output = backend.infer(blank)
+    expected = backend.info.output_shape
+    if output.ndim != 3 or output.shape[1] != expected[1]:
+        raise ModelError(f"{path}: output shape {output.shape} is not [1, {expected[1]}, N]")
+    for _ in range(runs - 1):
+        backend.infer(blank)
 
 
 def file_digest(path: Path) -> str:

@@ -12,9 +12,10 @@ import onnxruntime as ort
 from agent.errors import BackendUnavailable, ModelError
 from agent.vision.backends.base import (
     BackendInfo,
-    file_digest,
+    model_identity,
     register,
     resolve_detect_head,
+    warm_up,
 )
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,13 @@ class OnnxRuntimeBackend:
         self._input_name = inputs[0].name
         self._output_names = [outputs[0].name]
         self._run_options = ort.RunOptions()
+        name, version = model_identity(path, metadata)
         self.info = BackendInfo(
             backend="onnxruntime",
             provider=self._session.get_providers()[0],
             model_path=str(path),
-            model_name=metadata.get("model_name", path.stem),
-            model_version=metadata.get("model_version", "sha256:" + file_digest(path)[:12]),
+            model_name=name,
+            model_version=version,
             input_name=inputs[0].name,
             input_shape=head.input_shape,
             input_dtype=np.dtype(dtype).name,
@@ -129,17 +131,7 @@ class OnnxRuntimeBackend:
             precision=model_precision(path, metadata, dtype),
             metadata=metadata,
         )
-        # the first run checks the output; all of them warm up allocators and kernels before
-        # the first real frame, so it is not the slowest
-        blank = np.zeros(self.info.input_shape, dtype=dtype)
-        self._check_output(self.infer(blank), path)
-        for _ in range(getattr(options, "warmup_runs", 1) - 1):
-            self.infer(blank)
-
-    def _check_output(self, output: np.ndarray, path: Path) -> None:
-        expected = self.info.output_shape
-        if output.ndim != 3 or output.shape[1] != expected[1]:
-            raise ModelError(f"{path}: output shape {output.shape} is not [1, {expected[1]}, N]")
+        warm_up(self, path, getattr(options, "warmup_runs", 1), dtype)
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         options = ort.RunOptions()  # a fresh one per run: a cancelled one stays cancelled

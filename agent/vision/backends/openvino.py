@@ -1,0 +1,164 @@
+"""OpenVINO backend: our ONNX models (QDQ INT8 included) on Intel CPUs, GPUs and NPUs.
+
+OpenVINO reads the ONNX file itself (a QDQ model becomes FakeQuantize operations that its CPU
+plugin runs as integer kernels), so the factory ships one file for both runtimes and a device
+chooses by config: ``model.backend: openvino`` with ``model.openvino.device`` and
+``performance_hint``. The output goes through the same decode and NMS as every backend.
+Imported only when that backend is asked for: the agent installs and runs without openvino.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from agent.errors import BackendUnavailable, ModelError
+from agent.vision.backends.base import (
+    BackendInfo,
+    model_identity,
+    register,
+    resolve_detect_head,
+    warm_up,
+)
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_OPS = ("FakeQuantize", "FakeConvert")
+VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def check_device(device: str, available: list[str]) -> None:
+    """A device this machine has (``GPU`` matches ``GPU.0``), or a virtual one over them.
+
+    Raises:
+        BackendUnavailable: naming the device and the ones that are here.
+    """
+    name, _, targets = device.partition(":")
+    wanted = [t for t in targets.split(",") if t] if name in VIRTUAL_DEVICES else [device]
+    have = set(available) | {d.split(".")[0] for d in available}
+    missing = [d for d in wanted if d not in have]
+    if missing:
+        raise BackendUnavailable(
+            f"OpenVINO device {missing[0]!r} is not available here "
+            f"(have: {', '.join(available) or 'none'})"
+        )
+
+
+def read_onnx(path: Path) -> Any:
+    """The ONNX file through OpenVINO's ONNX frontend only (``read_model`` would try every
+    framework's reader on a broken file, and some print to stderr).
+
+    Raises:
+        ModelError: not an ONNX model, or one OpenVINO cannot convert (it says which op).
+    """
+    frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
+    if not frontend.supported(str(path)):
+        raise ModelError(f"cannot load model {path}: not a valid ONNX model")
+    try:
+        return frontend.convert(frontend.load(str(path)))
+    except Exception as exc:  # OpenVINO raises RuntimeError with a C++ trace for any failure
+        raise ModelError(f"cannot load model {path} in OpenVINO: {_first(exc)}") from None
+
+
+def _metadata(model: Any) -> dict[str, str]:
+    """The ONNX file's metadata_props, which OpenVINO keeps under rt_info['framework']."""
+    info = model.get_rt_info()
+    if "framework" not in info:
+        return {}
+    framework = info["framework"]
+    return {key: framework[key].astype(str) for key in framework}
+
+
+class OpenVinoBackend:
+    def __init__(self, path: Path, options: Any) -> None:
+        settings = getattr(options, "openvino", None)
+        device = getattr(settings, "device", "CPU")
+        hint = getattr(settings, "performance_hint", "LATENCY")
+        core = ov.Core()
+        check_device(device, list(core.available_devices))
+        cache_dir = getattr(settings, "cache_dir", None)
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        model = read_onnx(path)
+        metadata = _metadata(model)
+        if len(model.inputs) != 1:
+            raise ModelError(f"{path}: expected one image input, got {len(model.inputs)} inputs")
+        source = model.inputs[0]
+        if source.get_element_type() != ov.Type.f32:
+            raise ModelError(f"{path}: input type {source.get_element_type()} is not float32")
+        head = resolve_detect_head(
+            path,
+            [_dim(d) for d in source.get_partial_shape()],
+            [[_dim(d) for d in o.get_partial_shape()] for o in model.outputs],
+            metadata,
+            getattr(options, "names", None),
+            getattr(options, "imgsz", None),
+        )
+        if source.get_partial_shape().is_dynamic:
+            model.reshape({source.get_any_name(): list(head.input_shape)})
+        config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        threads = getattr(options, "threads", 0)
+        if threads and device.startswith("CPU"):
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            compiled = core.compile_model(model, device, config)
+        except Exception as exc:
+            raise ModelError(
+                f"cannot compile {path} for OpenVINO {device}: {_first(exc)}"
+            ) from None
+        self._request = compiled.create_infer_request()
+        precision = metadata.get("precision") or (
+            "int8" if any(op.get_type_name() in QUANTIZED_OPS for op in model.get_ops()) else "fp32"
+        )
+        name, version = model_identity(path, metadata)
+        self.info = BackendInfo(
+            backend="openvino",
+            provider=device,
+            model_path=str(path),
+            model_name=name,
+            model_version=version,
+            input_name=source.get_any_name(),
+            input_shape=head.input_shape,
+            input_dtype="float32",
+            output_name=model.outputs[0].get_any_name(),
+            output_shape=head.output_shape,
+            class_names=head.class_names,
+            stride=int(metadata.get("stride", 32) or 32),
+            precision=precision,
+            metadata=metadata,
+        )
+        warm_up(self, path, getattr(options, "warmup_runs", 1))
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        # asynchronous start + wait, so that the watchdog's cancel() can stop a hung run
+        self._request.start_async({0: np.ascontiguousarray(tensor, dtype=np.float32)})
+        self._request.wait()
+        return self._request.get_output_tensor(0).data.copy()  # the next run reuses the buffer
+
+    def cancel(self) -> None:
+        """Ask the run in progress to stop; its wait() raises shortly after."""
+        self._request.cancel()
+
+    def close(self) -> None:
+        self._request = None  # type: ignore[assignment]
+
+
+def _dim(dimension: Any) -> int | str:
+    return dimension.get_length() if dimension.is_static else "?"
+
+
+def _first(exc: Exception) -> str:
+    """OpenVINO's messages open with the C++ file and line; keep the line that says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return (useful or lines or [type(exc).__name__])[0]
+
+
+@register("openvino")
+def load(path: Path, options: Any) -> OpenVinoBackend:
+    return OpenVinoBackend(path, options)
