@@ -93,6 +93,14 @@ class OpenVinoConfig(StrictModel):
     )
 
 
+class RknnConfig(StrictModel):
+    """The RKNN backend (RK3588 NPU)."""
+
+    core_mask: Literal["auto", "0", "1", "2", "0_1", "0_1_2"] = Field(
+        "0_1_2", description="NPU cores: all three by default (one camera, lowest latency)."
+    )
+
+
 class ModelConfig(StrictModel):
     """Which model runs, on which backend, with which providers."""
 
@@ -100,8 +108,8 @@ class ModelConfig(StrictModel):
     backend: str = Field(
         "onnxruntime",
         pattern=r"^[a-z][a-z0-9_]*$",
-        description="onnxruntime (any CPU; CUDA and TensorRT providers) or openvino (Intel CPU, "
-        "GPU, NPU).",
+        description="onnxruntime (any CPU; CUDA and TensorRT providers), openvino (Intel CPU, "
+        "GPU, NPU) or rknn (RK3588 NPU, a .rknn from edge-models convert).",
     )
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
@@ -115,6 +123,7 @@ class ModelConfig(StrictModel):
     imgsz: tuple[int, int] | None = Field(None, description="Override the model's input (h, w).")
     warmup_runs: int = Field(1, ge=0)
     openvino: OpenVinoConfig = Field(default_factory=OpenVinoConfig)
+    rknn: RknnConfig = Field(default_factory=RknnConfig)
 
     @field_validator("providers")
     @classmethod

@@ -291,6 +291,53 @@ def _auto_rollout(args: argparse.Namespace) -> int:
     return EXIT_HALTED if decision.action == "halt" else EXIT_OK
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """A float model for an accelerator; with --data, its mAP on the simulator beside the float."""
+    from agent.config import ModelConfig
+    from agent.vision import load_backend
+    from models.convert.rknn import convert
+    from models.datasets import load_dataset
+    from models.evaluate import outputs_map
+
+    reference = load_backend("onnxruntime", args.model, ModelConfig(path=args.model))
+    dataset = load_dataset(args.data) if args.data is not None else None
+    images = [sample.image for sample in dataset.samples] if dataset is not None else None
+    done = convert(args.model, args.calib, args.out, images, args.full_graph, reference.info.imgsz)
+    rows = []
+    if dataset is not None:
+        names = reference.info.class_names
+        float_outputs, boxes = [], done.boxes
+        for path in images or []:
+            from agent.vision.preprocess import Preprocessor
+
+            tensor, _ = Preprocessor(reference.info.imgsz, pool_size=1)(cv2_read(path))
+            float_outputs.append(reference.infer(tensor))
+        for name, runtime, outputs in (
+            (args.model.name, "onnxruntime fp32", float_outputs),
+            (args.out.name, f"{args.target} int8 (rknn-toolkit2 simulator)", done.outputs),
+        ):
+            map50_95, map50 = outputs_map(dataset, outputs, boxes, names)
+            rows.append({"model": name, "runtime": runtime, "map50_95": map50_95, "map50": map50})
+    if args.json:
+        print(json.dumps({"out": str(done.rknn), "target": args.target, "results": rows}, indent=2))
+    else:
+        print(f"wrote {done.rknn} for {args.target} ({done.rknn.stat().st_size} bytes)")
+        for row in rows:
+            print(
+                f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}"
+            )
+    return EXIT_OK
+
+
+def cv2_read(path: Path):
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FactoryError(f"{path} is not a readable image")
+    return image
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     from models.channel import refresh
 
@@ -484,6 +531,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_broker_arguments(auto)
     r.set_defaults(func=cmd_rollout)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert a float model for an accelerator (rk3588: INT8 .rknn, checked on the "
+        "toolkit's simulator)",
+    )
+    c.add_argument("--target", required=True, choices=["rk3588"])
+    c.add_argument("--model", type=Path, required=True, help="float YOLOv8 ONNX")
+    c.add_argument("--calib", type=Path, required=True, help="calibration images folder")
+    c.add_argument("--out", type=Path, required=True, help="the .rknn to write")
+    c.add_argument(
+        "--data", type=Path, help="also evaluate on the simulator beside the float model"
+    )
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
+    c.add_argument(
+        "--full-graph",
+        action="store_true",
+        help="try the whole graph in INT8 (refused: shown on the simulator to collapse scores)",
+    )
+    c.set_defaults(func=cmd_convert)
 
     f = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
     f.add_argument("--channel", type=Path, required=True)

@@ -151,6 +151,15 @@ def coco_map(
     return float(evaluation.stats[0]), float(evaluation.stats[1])
 
 
+def outputs_map(
+    dataset: Dataset, outputs: list[np.ndarray], boxes: list[Any], names: dict[int, str]
+) -> tuple[float, float]:
+    """mAP50-95 and mAP50 of raw head outputs (one per dataset image, with its letterbox), through
+    the agent's decode: for outputs computed elsewhere (an NPU simulator)."""
+    found = [decode(o, box, EVAL_PARAMS, names) for o, box in zip(outputs, boxes, strict=True)]
+    return coco_map(dataset, found, _class_map(dataset, names))
+
+
 def agreement(reference: list[list[Detection]], candidate: list[list[Detection]]) -> float:
     """F1 of the candidate's detections against the reference's (same class, IoU >= 0.5)."""
     matched = total_ref = total_cand = 0

@@ -8,6 +8,8 @@ if [ ! -f "$ROOT/../shared/models/yolov8n-coco-fp32.onnx" ] && [ -z "${EDGE_AGEN
 fi
 # the cpu-aarch64 verification environment (ONNX Runtime's aarch64 build under qemu), cached
 bash "$ROOT/scripts/setup-aarch64.sh" >/dev/null
+# the RK3588 conversion environment (rknn-toolkit2 and its simulator), cached
+bash "$ROOT/scripts/setup-rknn.sh" >/dev/null
 log "ruff"
 ruff check .
 ruff format --check . >/dev/null

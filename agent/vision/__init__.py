@@ -19,6 +19,7 @@ from agent.vision.postprocess import (
 from agent.vision.preprocess import Letterbox, Preprocessor
 from agent.vision.sinks import DETECTIONS, FrameResult, Sink, StdoutSink, build_sinks
 from agent.vision.sources import Frame, FrameSource, open_source
+from agent.vision.split_head import merge_split_head, npu_input
 from agent.vision.stats import ModelStats, PipelineStats
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "detect_image",
     "file_digest",
     "load_backend",
+    "merge_split_head",
+    "npu_input",
     "open_source",
     "resolve_classes",
 ]

@@ -78,6 +78,7 @@ Loader = Callable[[Path, Any], Backend]
 BACKEND_MODULES: dict[str, str] = {
     "onnxruntime": "agent.vision.backends.onnxruntime",
     "openvino": "agent.vision.backends.openvino",
+    "rknn": "agent.vision.backends.rknn",
 }
 _LOADERS: dict[str, Loader] = {}
 

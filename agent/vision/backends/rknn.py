@@ -1,0 +1,92 @@
+"""RKNN backend: an INT8 .rknn on the RK3588 NPU through rknn-toolkit-lite2 (``RKNNLite``).
+
+The .rknn that ``edge-models convert --target rk3588`` writes ends at the head's six
+convolutions; ``split_head.merge_split_head`` finishes the head on the CPU, so the usual decode and
+NMS follow. Class names, input size and the model's identity come from the ``.rknn.json`` the
+converter writes beside it (an .rknn carries none of the ONNX metadata). All three NPU cores by
+default (``model.rknn.core_mask``). Imported only when configured: rknnlite exists only on boards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rknnlite.api import RKNNLite
+
+from agent.errors import BackendUnavailable, ModelError
+from agent.vision.backends.base import BackendInfo, parse_names, register, warm_up
+from agent.vision.split_head import merge_split_head, npu_input
+
+CORE_MASKS = {
+    "auto": "NPU_CORE_AUTO",
+    "0": "NPU_CORE_0",
+    "1": "NPU_CORE_1",
+    "2": "NPU_CORE_2",
+    "0_1": "NPU_CORE_0_1",
+    "0_1_2": "NPU_CORE_0_1_2",
+}
+
+
+def sidecar(path: Path) -> dict[str, Any]:
+    """The converter's record beside the .rknn: source metadata, input size, class names."""
+    side = path.with_name(path.name + ".json")
+    try:
+        return json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: its {side.name} (written by edge-models convert) is missing "
+                         f"or unreadable: {exc}") from None  # fmt: skip
+
+
+class RknnBackend:
+    def __init__(self, path: Path, options: Any) -> None:
+        if path.suffix.lower() != ".rknn":
+            raise ModelError(f"{path}: the rknn backend runs .rknn files (edge-models convert)")
+        record = sidecar(path)
+        metadata = {k: str(v) for k, v in (record.get("metadata") or {}).items()}
+        names = getattr(options, "names", None) or parse_names(metadata.get("names"))
+        height, width = record.get("imgsz") or (640, 640)
+        if not names:
+            raise ModelError(f"{path}: no class names (in its .rknn.json or model.names)")
+        self._rknn = RKNNLite(verbose=False)
+        if self._rknn.load_rknn(str(path)) != 0:
+            raise ModelError(f"cannot load {path}: not an .rknn this runtime reads")
+        mask = getattr(getattr(options, "rknn", None), "core_mask", "0_1_2")
+        if self._rknn.init_runtime(core_mask=getattr(RKNNLite, CORE_MASKS[mask])) != 0:
+            raise BackendUnavailable(
+                "the RK3588 NPU runtime did not start (librknnrt.so and /dev/rknpu are needed; "
+                "this is not an RK3588 board or its NPU driver is missing)"
+            )
+        self.info = BackendInfo(
+            backend="rknn",
+            provider=f"rk3588-npu:{mask}",
+            model_path=str(path),
+            model_name=metadata.get("model_name", path.stem),
+            model_version=metadata.get("model_version", record.get("sha256", "")[:12]),
+            input_name="images",
+            input_shape=(1, 3, int(height), int(width)),
+            input_dtype="float32",
+            output_name="head",
+            output_shape=(1, 4 + len(names), -1),
+            class_names=dict(names),
+            stride=32,
+            precision="int8",
+            metadata=metadata,
+        )
+        warm_up(self, path, getattr(options, "warmup_runs", 1))
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        outputs = self._rknn.inference(inputs=[npu_input(tensor)])
+        if outputs is None:
+            raise RuntimeError("RKNN inference failed")
+        return merge_split_head(outputs)
+
+    def close(self) -> None:
+        self._rknn.release()
+
+
+@register("rknn")
+def load(path: Path, options: Any) -> RknnBackend:
+    return RknnBackend(path, options)

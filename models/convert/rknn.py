@@ -1,0 +1,194 @@
+"""Our float YOLOv8 ONNX -> an INT8 .rknn for the RK3588 NPU, checked on the toolkit's simulator.
+
+The model is cut at its six head convolutions (``split_head``), relabelled to opset 19 (the
+toolkit refuses 20; the ops used are the same in both), calibrated on the agent's own letterbox of
+the calibration images, and converted by rknn-toolkit2 in its own virtualenv
+(``rknn_worker.py``). With evaluation images the same process runs them on the simulator, and
+``agent.vision.split_head`` plus the usual decode finish the head here: what a board would run,
+minus the board. Converting the whole graph is refused: rknn-toolkit2 2.5.0 fails to build it
+(its graph optimizer trips on the DFL), and where a build succeeds the simulator shows every score
+collapse (one int8 scale for boxes in pixels and scores in 0..1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import onnx
+
+from agent.vision import Preprocessor, merge_split_head
+from models.convert.split_head import cut_at_head
+from models.errors import FactoryError
+
+PLATFORM = "rk3588"
+RKNN_PINS = "rknn-toolkit2==2.5.0"  # scripts/setup-rknn.sh installs exactly this
+WORKER = Path(__file__).with_name("rknn_worker.py")
+ENV_VAR = "EDGE_MODELS_RKNN_PYTHON"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def toolkit_python() -> Path:
+    """The rknn-toolkit2 environment's Python: $EDGE_MODELS_RKNN_PYTHON, else the cached one.
+
+    Raises:
+        FactoryError: no conversion environment (says how to make one).
+    """
+    explicit = os.environ.get(ENV_VAR)
+    key = hashlib.sha256(RKNN_PINS.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    python = Path(explicit) if explicit else cache / "edge-agent" / f"rknn-{key}" / "bin" / "python"
+    if not python.exists():
+        raise FactoryError(
+            f"the RKNN conversion environment is missing ({python} not found): run "
+            "`bash scripts/setup-rknn.sh` (rknn-toolkit2 in its own virtualenv) or set "
+            f"{ENV_VAR} to a Python that has {RKNN_PINS}"
+        )
+    return python
+
+
+def images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FactoryError(f"{folder} is not a folder of images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FactoryError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def _tensors(images: list[Path], folder: Path, imgsz: tuple[int, int]) -> list[tuple[Path, Any]]:
+    """Each image letterboxed as the agent does it, saved as the NCHW uint8 the NPU takes
+    (the .rknn divides by 255 itself); with the letterbox geometry to map boxes back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for i, path in enumerate(images):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise FactoryError(f"{path} is not a readable image")
+        tensor, box = Preprocessor(imgsz, pool_size=1)(image)
+        target = folder / f"{i:05d}.npy"
+        np.save(target, np.round(tensor * 255).astype(np.uint8))
+        saved.append((target, box))
+    return saved
+
+
+@dataclass
+class Conversion:
+    rknn: Path
+    outputs: list[np.ndarray]  # per evaluation image: the merged [1, 4+nc, N] head output
+    boxes: list[Any]  # per evaluation image: its letterbox geometry
+
+
+def convert(
+    model: Path,
+    calib: Path,
+    out: Path,
+    evaluate_on: list[Path] | None = None,
+    full_graph: bool = False,
+    imgsz: tuple[int, int] = (640, 640),
+) -> Conversion:
+    """Convert ``model`` to ``out`` (written only when all went well); with ``evaluate_on``, the
+    simulator's merged head outputs on those images.
+
+    Raises:
+        FactoryError: no conversion environment, bad inputs, the toolkit failed (its reason),
+            or a full-graph conversion (refused after it is shown to collapse).
+    """
+    python = toolkit_python()
+    calibration = images_in(calib)
+    with tempfile.TemporaryDirectory(prefix="edge-models-rknn-") as tmp:
+        work = Path(tmp)
+        source = work / "model.onnx"
+        if full_graph:
+            source.write_bytes(model.read_bytes())
+            evaluate_on = evaluate_on or calibration[:1]
+        else:
+            cut_at_head(model, source)
+        _relabel_opset(source, 19)
+        calib_tensors = _tensors(calibration, work / "calib", imgsz)
+        (work / "dataset.txt").write_text("".join(f"{p}\n" for p, _ in calib_tensors))
+        eval_tensors = _tensors(evaluate_on or [], work / "eval", imgsz)
+        job = {
+            "platform": PLATFORM,
+            "model": str(source),
+            "dataset": str(work / "dataset.txt"),
+            "out": str(work / "model.rknn"),
+            "inputs": [str(p) for p, _ in eval_tensors],
+            "outputs": str(work / "outputs.npz"),
+        }
+        answer = _run_worker(python, job)
+        failure = f"{answer.get('stage', '?')}: {answer.get('error')}"
+        if not answer.get("ok") and full_graph:
+            raise FactoryError(
+                f"the whole graph in INT8 is refused for {PLATFORM}: {RKNN_PINS} cannot build "
+                f"it ({failure}); convert without --full-graph (the head is cut at its six "
+                "convolutions and finished on the CPU)"
+            )
+        if not answer.get("ok"):
+            raise FactoryError(f"rknn-toolkit2 could not convert {model.name} ({failure})")
+        raw = np.load(work / "outputs.npz") if eval_tensors else {}
+        outputs = []
+        for i in range(len(eval_tensors)):
+            maps = [raw[f"{i}_{j}"] for j in range(sum(k.startswith(f"{i}_") for k in raw))]
+            outputs.append(maps[0] if full_graph else merge_split_head(maps))
+        if full_graph:
+            best = max(float(o[0, 4:].max()) for o in outputs)
+            raise FactoryError(
+                f"the whole graph in INT8 is refused for {PLATFORM}: on the simulator its best "
+                f"class score is {best:.3f} (one int8 scale for boxes in pixels and scores in "
+                "0..1); convert without --full-graph (the head is cut at its six convolutions "
+                "and finished on the CPU)"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = (work / "model.rknn").read_bytes()
+        record = {
+            "source": model.name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "target": PLATFORM,
+            "imgsz": list(imgsz),
+            "metadata": {p.key: p.value for p in onnx.load(str(model)).metadata_props},
+            "toolkit": RKNN_PINS,
+        }
+        for path, content in ((out.with_name(out.name + ".json"), json.dumps(record, indent=1)
+                               .encode()), (out, data)):  # fmt: skip
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_bytes(content)
+            partial.replace(path)
+        return Conversion(out, outputs, [box for _, box in eval_tensors])
+
+
+def _relabel_opset(path: Path, version: int) -> None:
+    """The toolkit reads opset <= 19; our exports say 20 with no op that changed in between."""
+    model = onnx.load(str(path))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > version:
+            opset.version = version
+    onnx.save(model, str(path))
+
+
+def _run_worker(python: Path, job: dict[str, Any]) -> dict[str, Any]:
+    try:
+        done = subprocess.run(
+            # -I: isolated, so the worker's folder (this one, with rknn.py in it) does not
+            # shadow the toolkit's ``rknn`` package
+            [str(python), "-I", str(WORKER)],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FactoryError(f"the RKNN conversion environment did not run: {exc}") from None
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"ok"')]
+    if not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FactoryError(f"the RKNN conversion environment failed: {tail[0][:400]}")
+    return json.loads(lines[-1])

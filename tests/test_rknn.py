@@ -1,0 +1,192 @@
+"""RK3588: the head cut by structure and finished on the CPU (checked against ONNX Runtime running
+the whole graph), the INT8 conversion on rknn-toolkit2's simulator (reference detections,
+coco8 mAP), the refused full-graph conversion, and clean refusals where the toolchain or the NPU
+runtime is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+
+from agent.config import ModelConfig
+from agent.errors import BackendUnavailable, ModelError
+from agent.vision import Preprocessor, load_backend, merge_split_head, npu_input
+from models.convert.split_head import cut_at_head, head_maps
+from tests import models_for_tests
+from tests.conftest import agent_config, run_cli
+from tests.test_detection_reference import detect
+from tests.test_publish import models_cli
+
+IMAGES = ("bus", "zidane")
+
+
+@pytest.fixture(scope="session")
+def rknn_python():
+    """rknn-toolkit2's own environment; fails (never skips) when scripts/setup-rknn.sh has not
+    made it."""
+    from models.convert.rknn import toolkit_python
+    from models.errors import FactoryError
+
+    try:
+        return toolkit_python()
+    except FactoryError as exc:
+        pytest.fail(f"this test needs the RKNN conversion environment: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def cut_model(fp32_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cut") / "cut.onnx"
+    cut_at_head(fp32_model, out)
+    return out
+
+
+def tensor_of(shared, name):
+    tensor, _ = Preprocessor((640, 640), pool_size=1)(
+        cv2.imread(str(shared / "images" / f"{name}.jpg"))
+    )
+    return np.array(tensor)
+
+
+# -- the split head, against the whole graph ------------------------------------------------------
+@pytest.mark.parametrize("name", IMAGES)
+def test_the_split_head_finished_on_the_cpu_equals_the_whole_graph(name, shared, fp32_model,
+                                                                   cut_model):  # fmt: skip
+    x = tensor_of(shared, name)
+    whole = ort.InferenceSession(str(fp32_model), providers=["CPUExecutionProvider"])
+    cut = ort.InferenceSession(str(cut_model), providers=["CPUExecutionProvider"])
+    expected = whole.run(None, {"images": x})[0]
+    merged = merge_split_head(cut.run(None, {"images": x}))
+    assert merged.shape == expected.shape == (1, 84, 8400)
+    assert np.abs(merged[0, :4] - expected[0, :4]).max() < 0.5  # px at the network input
+    assert np.abs(merged[0, 4:] - expected[0, 4:]).max() < 1e-4  # scores
+
+
+def test_the_head_is_found_by_structure_not_by_names(fp32_model):
+    model = onnx.load(str(fp32_model))
+    renamed = {}
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+        for j, output in enumerate(node.output):
+            renamed[output] = renamed.get(output, f"t{i}_{j}")
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+        node.output[:] = [renamed.get(x, x) for x in node.output]
+    for output in model.graph.output:
+        output.name = renamed.get(output.name, output.name)
+    maps = head_maps(model)
+    assert [(m.kind, m.channels, m.height) for m in maps] == [
+        ("box", 64, 80), ("class", 80, 80), ("box", 64, 40), ("class", 80, 40),
+        ("box", 64, 20), ("class", 80, 20),
+    ]  # fmt: skip
+
+
+def test_a_model_without_a_yolov8_head_is_refused(tmp_path):
+    path = models_for_tests.tiny_detector(tmp_path / "tiny.onnx")
+    with pytest.raises(ModelError, match="head"):
+        cut_at_head(path, tmp_path / "cut.onnx")
+    assert not (tmp_path / "cut.onnx").exists()
+
+
+def test_the_npu_input_is_the_letterboxed_image_in_uint8_nhwc():
+    tensor = np.random.default_rng(0).integers(0, 256, (1, 3, 8, 6)).astype(np.float32) / 255
+    image = npu_input(tensor)
+    assert image.dtype == np.uint8 and image.shape == (1, 8, 6, 3)
+    assert np.array_equal(image[0].transpose(2, 0, 1), np.round(tensor[0] * 255))
+
+
+# -- the toolkit and its simulator --------------------------------------------------------------
+def test_rk3588_int8_on_the_simulator_detects_what_the_float_model_does(
+    rknn_python, fp32_model, fp32_backend, calib, shared, tmp_path
+):
+    from models.convert.rknn import convert
+
+    images = [shared / "images" / f"{name}.jpg" for name in IMAGES]
+    done = convert(fp32_model, calib, tmp_path / "yolov8n.rknn", images)
+    assert (tmp_path / "yolov8n.rknn").stat().st_size > 1_000_000
+    record = json.loads((tmp_path / "yolov8n.rknn.json").read_text())
+    assert record["imgsz"] == [640, 640] and "names" in record["metadata"]
+    names = fp32_backend.info.class_names
+    from agent.vision import DetectionParams, decode
+
+    for path, output, box in zip(images, done.outputs, done.boxes, strict=True):
+        found = decode(output, box, DetectionParams(confidence=0.25), names)
+        reference = detect(fp32_backend, cv2.imread(str(path)), confidence=0.25)
+        strong = [d for d in reference if d.score > 0.5]
+        for want in strong:  # every confident float detection, found again with its score
+            match = max((d for d in found if d.class_id == want.class_id),
+                        key=lambda d: _iou(d.box, want.box), default=None)  # fmt: skip
+            assert match is not None and _iou(match.box, want.box) > 0.8, (path.name, want)
+            assert abs(match.score - want.score) < 0.05, (path.name, want, match)
+
+
+def _iou(a, b) -> float:
+    from tests.reference import iou
+
+    return iou(a, b)
+
+
+def test_convert_cli_reports_simulator_map_beside_the_float(rknn_python, fp32_model, calib,
+                                                            shared, tmp_path):  # fmt: skip
+    out = tmp_path / "m.rknn"
+    result = models_cli(
+        "convert", "--target", "rk3588", "--model", fp32_model, "--calib", calib, "--out", out,
+        "--data", shared / "datasets" / "coco8", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {r["runtime"].split()[0]: r for r in json.loads(result.stdout)["results"]}
+    float_map, npu_map = rows["onnxruntime"]["map50_95"], rows["rk3588"]["map50_95"]
+    assert npu_map >= float_map - 0.015, (float_map, npu_map)  # within 1.5 points
+    assert out.exists()
+
+
+def test_the_whole_graph_in_int8_is_refused_and_nothing_is_written(rknn_python, fp32_model,
+                                                                     calib, tmp_path):  # fmt: skip
+    out = tmp_path / "full.rknn"
+    result = models_cli(
+        "convert", "--target", "rk3588", "--model", fp32_model, "--calib", calib, "--out", out,
+        "--full-graph",
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the whole graph in INT8 is refused for rk3588" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob("*.json"))
+
+
+# -- where the toolchain or the NPU is missing ----------------------------------------------------
+def test_a_missing_conversion_environment_is_one_line(fp32_model, calib, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "m.rknn"
+    result = subprocess.run(
+        [sys.executable, "-m", "models.cli", "convert", "--target", "rk3588", "--model",
+         str(fp32_model), "--calib", str(calib), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "EDGE_MODELS_RKNN_PYTHON": str(tmp_path / "no" / "python")},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "RKNN conversion environment is missing" in result.stderr
+    assert "setup-rknn.sh" in result.stderr and not out.exists()
+
+
+def test_an_rknn_model_without_the_npu_runtime_is_refused_cleanly(tmp_path, bus_video):
+    model = tmp_path / "m.rknn"
+    model.write_bytes(b"RKNN" + bytes(64))
+    with pytest.raises(BackendUnavailable, match=r"'rknn' is not installed here: .*rknnlite"):
+        load_backend("rknn", model, ModelConfig(path=model, backend="rknn"))
+    config = agent_config(tmp_path, model, {"uri": str(bus_video)})
+    data = yaml.safe_load(config.read_text())
+    data["model"]["backend"] = "rknn"
+    config.write_text(yaml.safe_dump(data))
+    result = run_cli("run", "-c", str(config), "--frames", "2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "backend 'rknn' is not installed here" in result.stderr
