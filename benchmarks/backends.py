@@ -3,7 +3,9 @@
 ONNX Runtime and OpenVINO each run the shared fp32 YOLOv8n and this machine's INT8 recipe (QDQ,
 `edge-models quantize`), interleaved one inference per model per round so the shared host's
 noise weighs on all alike; each gets its coco8 mAP through the agent's own letterbox, decode and
-NMS, and its agreement with ONNX Runtime fp32. Calibration uses only ../shared/images.
+NMS, and its agreement with ONNX Runtime fp32. Then the RK3588 INT8 .rknn (`edge-models convert
+--target rk3588`) gets its coco8 mAP on rknn-toolkit2's simulator (accuracy only). Calibration
+uses only ../shared/images.
 
 Usage: python benchmarks/backends.py [--rounds 60] [--shared DIR]
 """
@@ -67,8 +69,37 @@ def main() -> int:
             f"{(result.agreement if result.agreement is not None else 1.0):>9.3f}"
         )
     print(f"\nCPU: {host.describe()}; {args.rounds} interleaved rounds; coco8 (8 images)")
-    print("RKNN (RK3588 NPU): not run here; see `edge-models convert --target rk3588 --data`")
+    print(rknn_row(shared, fp32, reference.map50_95))
     return 0
+
+
+def rknn_row(shared: Path, fp32: Path, float_map: float) -> str:
+    """The RK3588 INT8 model's coco8 mAP on rknn-toolkit2's simulator (accuracy only: the
+    simulator's speed says nothing of the NPU's)."""
+    from agent.config import ModelConfig
+    from agent.vision import load_backend
+    from models.convert.rknn import convert
+    from models.errors import FactoryError
+    from models.evaluate import outputs_map
+
+    dataset = load_dataset(shared / "datasets" / "coco8")
+    names = load_backend("onnxruntime", fp32, ModelConfig(path=fp32)).info.class_names
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        synthesise([shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"],
+                   work / "calib", 16)  # fmt: skip
+        try:
+            done = convert(
+                fp32, work / "calib", work / "m.rknn", [s.image for s in dataset.samples]
+            )
+        except FactoryError as exc:
+            return f"RKNN (RK3588 NPU) simulator: not run: {exc}"
+    map50_95, map50 = outputs_map(dataset, done.outputs, done.boxes, names)
+    return (
+        f"RKNN rk3588 int8, rknn-toolkit2 simulator: mAP50-95 {map50_95:.4f} (fp32 "
+        f"{float_map:.4f}, {100 * (map50_95 - float_map):+.2f} points), mAP50 {map50:.3f}; "
+        "speed needs a board"
+    )
 
 
 if __name__ == "__main__":
