@@ -104,7 +104,7 @@ class RknnConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Which model runs, on which backend, with which providers."""
 
-    path: Path = Field(description="ONNX model file.")
+    path: Path = Field(description="Model file: ONNX (a .rknn for the rknn backend).")
     backend: str = Field(
         "onnxruntime",
         pattern=r"^[a-z][a-z0-9_]*$",

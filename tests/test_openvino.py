@@ -131,3 +131,30 @@ def test_the_agent_runs_on_openvino_by_config(tmp_path, fp32_model, bus_video):
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(r["detections"] for r in records)
+
+
+def test_the_watchdog_can_cancel_a_run_and_the_next_one_works(fp32_model):
+    import threading
+    import time
+
+    import numpy as np
+
+    backend = openvino(fp32_model, threads=1)
+    blank = np.zeros(backend.info.input_shape, np.float32)
+    outcome: list[str] = []
+
+    def keep_inferring() -> None:
+        try:
+            for _ in range(500):
+                backend.infer(blank)
+            outcome.append("never cancelled")
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=keep_inferring)
+    worker.start()
+    time.sleep(0.5)
+    backend.cancel()
+    worker.join(30)
+    assert outcome and "canceled" in outcome[0]
+    assert backend.infer(blank).shape == (1, 84, 8400)

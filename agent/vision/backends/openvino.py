@@ -9,7 +9,6 @@ Imported only when that backend is asked for: the agent installs and runs withou
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from agent.vision.backends.base import (
     resolve_detect_head,
     warm_up,
 )
-
-log = logging.getLogger(__name__)
 
 QUANTIZED_OPS = ("FakeQuantize", "FakeConvert")
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
