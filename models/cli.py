@@ -305,37 +305,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     done = convert(args.model, args.calib, args.out, images, args.full_graph, reference.info.imgsz)
     rows = []
     if dataset is not None:
-        names = reference.info.class_names
-        float_outputs, boxes = [], done.boxes
-        for path in images or []:
-            from agent.vision.preprocess import Preprocessor
-
-            tensor, _ = Preprocessor(reference.info.imgsz, pool_size=1)(cv2_read(path))
-            float_outputs.append(reference.infer(tensor))
         for name, runtime, outputs in (
-            (args.model.name, "onnxruntime fp32", float_outputs),
+            (args.model.name, "onnxruntime fp32", _float_outputs(reference, images or [])),
             (args.out.name, f"{args.target} int8 (rknn-toolkit2 simulator)", done.outputs),
         ):
-            map50_95, map50 = outputs_map(dataset, outputs, boxes, names)
+            map50_95, map50 = outputs_map(dataset, outputs, done.boxes, reference.info.class_names)
             rows.append({"model": name, "runtime": runtime, "map50_95": map50_95, "map50": map50})
     if args.json:
         print(json.dumps({"out": str(done.rknn), "target": args.target, "results": rows}, indent=2))
-    else:
-        print(f"wrote {done.rknn} for {args.target} ({done.rknn.stat().st_size} bytes)")
-        for row in rows:
-            print(
-                f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}"
-            )
+        return EXIT_OK
+    print(f"wrote {done.rknn} for {args.target} ({done.rknn.stat().st_size} bytes)")
+    for row in rows:
+        print(f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}")
     return EXIT_OK
 
 
-def cv2_read(path: Path):
+def _float_outputs(backend, images: list[Path]) -> list:
+    """The float model's raw outputs on ``images``, letterboxed as the agent does."""
     import cv2
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FactoryError(f"{path} is not a readable image")
-    return image
+    from agent.vision import Preprocessor
+
+    outputs = []
+    for path in images:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise FactoryError(f"{path} is not a readable image")
+        tensor, _ = Preprocessor(backend.info.imgsz, pool_size=1)(image)
+        outputs.append(backend.infer(tensor))
+    return outputs
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
