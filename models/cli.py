@@ -297,7 +297,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from agent.vision import load_backend
     from models.convert.rknn import convert
     from models.datasets import load_dataset
-    from models.evaluate import outputs_map
+    from models.evaluate import letterboxed, outputs_map
 
     reference = load_backend("onnxruntime", args.model, ModelConfig(path=args.model))
     dataset = load_dataset(args.data) if args.data is not None else None
@@ -306,7 +306,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     rows = []
     if dataset is not None:
         for name, runtime, outputs in (
-            (args.model.name, "onnxruntime fp32", _float_outputs(reference, images or [])),
+            (
+                args.model.name,
+                "onnxruntime fp32",
+                [reference.infer(tensor) for tensor, _ in letterboxed(reference, dataset)],
+            ),
             (args.out.name, f"{args.target} int8 (rknn-toolkit2 simulator)", done.outputs),
         ):
             map50_95, map50 = outputs_map(dataset, outputs, done.boxes, reference.info.class_names)
@@ -318,22 +322,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}")
     return EXIT_OK
-
-
-def _float_outputs(backend, images: list[Path]) -> list:
-    """The float model's raw outputs on ``images``, letterboxed as the agent does."""
-    import cv2
-
-    from agent.vision import Preprocessor
-
-    outputs = []
-    for path in images:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FactoryError(f"{path} is not a readable image")
-        tensor, _ = Preprocessor(backend.info.imgsz, pool_size=1)(image)
-        outputs.append(backend.infer(tensor))
-    return outputs
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:

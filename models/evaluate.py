@@ -184,7 +184,8 @@ def agreement(reference: list[list[Detection]], candidate: list[list[Detection]]
     return 2 * matched / (total_ref + total_cand)
 
 
-def _inputs(backend: Backend, dataset: Dataset) -> list[tuple[np.ndarray, Any]]:
+def letterboxed(backend: Backend, dataset: Dataset) -> list[tuple[np.ndarray, Any]]:
+    """Each dataset image as the agent feeds ``backend``: the tensor and its letterbox geometry."""
     pre = Preprocessor(backend.info.imgsz, np.dtype(backend.info.input_dtype), pool_size=1)
     prepared = []
     for sample in dataset.samples:
@@ -217,7 +218,7 @@ def evaluate(
         for p, name in zip(paths, runtimes, strict=True)
     ]
     try:
-        inputs = [_inputs(b, dataset) for b in backends]
+        inputs = [letterboxed(b, dataset) for b in backends]
         outputs = [
             runner.run(path, [t for t, _ in items], b)
             if runner is not None

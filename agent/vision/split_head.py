@@ -11,9 +11,21 @@ follow unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 STRIDES = (8, 16, 32)
+
+
+@functools.cache
+def anchor_centres(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of each cell's centre, row by row (computed once per map size, not per frame)."""
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    ax = xs.reshape(-1).astype(np.float32) + 0.5
+    ay = ys.reshape(-1).astype(np.float32) + 0.5
+    ax.flags.writeable = ay.flags.writeable = False
+    return ax, ay
 
 
 def merge_split_head(
@@ -46,9 +58,7 @@ def merge_split_head(
         logits = box.reshape(4, reg_max, height * width)
         weights = np.exp(logits - logits.max(axis=1, keepdims=True))
         distance = (weights * bins).sum(axis=1) / weights.sum(axis=1)  # 4 x HW: l, t, r, b
-        ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-        ax = xs.reshape(-1).astype(np.float32) + 0.5
-        ay = ys.reshape(-1).astype(np.float32) + 0.5
+        ax, ay = anchor_centres(height, width)
         x1, y1 = ax - distance[0], ay - distance[1]
         x2, y2 = ax + distance[2], ay + distance[3]
         xywh = np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]) * stride
