@@ -17,6 +17,12 @@ from tests.schemas import validate
 PREFIX = "edge/dev1"
 
 
+# Probation's timing verdict belongs to test_probation: the shared dynamic model is ~1.2x slower
+# than fp32 on these CPUs, and a p95 over 15 frames just after a load on 2 shared cores is noise,
+# not a verdict (CI once rolled a good update back as "93% of frames late against 36% before").
+LENIENT_TIMING = {"max_p95_ratio": 10.0, "max_late_increase": 1.0}
+
+
 def ota_settings(channel, url: str, **extra) -> dict:
     return {
         "enabled": True,
@@ -26,7 +32,7 @@ def ota_settings(channel, url: str, **extra) -> dict:
         "first_check_s": 3600,
         "announce_jitter_s": 0,
         "retry_backoff_s": 0.2,
-        "probation": {"frames": 15, "seconds": 30, "min_frames": 5},
+        "probation": {"frames": 15, "seconds": 30, "min_frames": 5, **LENIENT_TIMING},
         **extra,
     }
 
@@ -161,16 +167,12 @@ def test_sigkill_at_any_phase_restarts_consistently_and_finishes_the_update(
     server = Nginx(
         tmp_path / "nginx", channel.folder, rate="400k" if phase == "download" else "0"
     ).start()
-    # crash consistency is the subject here, not probation's timing verdict (test_probation and
-    # the rollback tests own that): the shared dynamic model is ~1.2x slower than fp32 on this
-    # CPU, and a p95 over 15 frames just after a load on 2 shared cores is noise, not a verdict
-    timing = {"max_p95_ratio": 10.0, "max_late_increase": 1.0}
     probation = {"frames": 100_000, "seconds": 600} if phase == "probation" else {}
     settings = ota_settings(
         channel,
         server.url,
         first_check_s=0,
-        probation={"frames": 15, "seconds": 30, "min_frames": 5, **timing, **probation},
+        probation={"frames": 15, "seconds": 30, "min_frames": 5, **LENIENT_TIMING, **probation},
     )
     config = agent_config(tmp_path, fp32_model, looping, ota=settings)
     failpoints = {"staging": "staging=30", "swap": "swap=30"}.get(phase, "")
@@ -211,7 +213,7 @@ def test_sigkill_at_any_phase_restarts_consistently_and_finishes_the_update(
         channel,
         server.url,
         first_check_s=0,
-        probation={"frames": 15, "seconds": 30, "min_frames": 5, **timing},
+        probation={"frames": 15, "seconds": 30, "min_frames": 5, **LENIENT_TIMING},
     )
     restarted = AgentProcess(agent_config(tmp_path, fp32_model, looping, ota=settings))
     try:

@@ -49,7 +49,14 @@ def make_config(tmp_path: Path, model: Path, video: Path, channel, url: str, **o
                 "model_name": "yolov8n-coco",
                 "first_check_s": 3600,  # the tests ask for checks themselves
                 "retry_backoff_s": 0.2,
-                "probation": {"frames": 15, "seconds": 30, "min_frames": 5},
+                # the timing verdict is test_probation's; a p95 on 2 shared cores is noise here
+                "probation": {
+                    "frames": 15,
+                    "seconds": 30,
+                    "min_frames": 5,
+                    "max_p95_ratio": 10.0,
+                    "max_late_increase": 1.0,
+                },
                 **ota,
             },
         }
