@@ -348,7 +348,9 @@ class OtaConfig(StrictModel):
         None, description="Model line to follow (default: the base model's name)."
     )
     target: str | None = Field(
-        None, description="Variant to ask for (default: detected, e.g. cpu-x86_64, jetson-orin)."
+        None,
+        description="Variant to ask for (default: detected, e.g. cpu-x86_64, rk3588; an "
+        "accelerator's own models only when model.backend runs them, else its CPU's).",
     )
     poll_interval_s: float = Field(3600.0, ge=1)
     poll_jitter: float = Field(

@@ -22,6 +22,7 @@ class Target:
     arch: str  # the CPU architecture of the machines it names
     summary: str
     fallbacks: tuple[str, ...] = ()  # other targets' models this device may run, best first
+    runtime: str | None = None  # the agent backend an accelerator's models need; None: any CPU one
 
 
 TARGETS: dict[str, Target] = {
@@ -35,11 +36,23 @@ TARGETS: dict[str, Target] = {
             ("cpu-x86_64",),
         ),
         Target("cpu-aarch64", "aarch64", "64-bit Arm CPU (NEON; dot product where present)"),
-        Target("jetson-orin", "aarch64", "NVIDIA Jetson Orin (TensorRT)", ("cpu-aarch64",)),
-        Target("jetson-xavier", "aarch64", "NVIDIA Jetson Xavier (TensorRT)", ("cpu-aarch64",)),
-        Target("jetson-nano", "aarch64", "NVIDIA Jetson Nano (TensorRT)", ("cpu-aarch64",)),
-        Target("jetson-tx2", "aarch64", "NVIDIA Jetson TX2 (TensorRT)", ("cpu-aarch64",)),
-        Target("rk3588", "aarch64", "Rockchip RK3588 NPU (RKNN)", ("cpu-aarch64",)),
+        Target(
+            "jetson-orin", "aarch64", "NVIDIA Jetson Orin (TensorRT)", ("cpu-aarch64",), "tensorrt"
+        ),
+        Target(
+            "jetson-xavier",
+            "aarch64",
+            "NVIDIA Jetson Xavier (TensorRT)",
+            ("cpu-aarch64",),
+            "tensorrt",
+        ),
+        Target(
+            "jetson-nano", "aarch64", "NVIDIA Jetson Nano (TensorRT)", ("cpu-aarch64",), "tensorrt"
+        ),
+        Target(
+            "jetson-tx2", "aarch64", "NVIDIA Jetson TX2 (TensorRT)", ("cpu-aarch64",), "tensorrt"
+        ),
+        Target("rk3588", "aarch64", "Rockchip RK3588 NPU (RKNN)", ("cpu-aarch64",), "rknn"),
     )
 }
 
@@ -82,6 +95,15 @@ def preferences(target: str) -> list[str]:
     """Variants a device of ``target`` can run, best first: its own, then its safe fallbacks."""
     known = TARGETS.get(target)
     return [target, *(known.fallbacks if known else ())]
+
+
+def for_backend(target: str, backend: str) -> str:
+    """The models a device follows with ``backend``: an accelerator's own only when that backend
+    is the one its models need (an RK3588 board running ONNX Runtime takes CPU models)."""
+    known = TARGETS.get(target)
+    if known is None or known.runtime in (None, backend) or not known.fallbacks:
+        return target
+    return known.fallbacks[0]
 
 
 @dataclass(frozen=True)

@@ -80,21 +80,21 @@ def rknn_row(shared: Path, fp32: Path, float_map: float) -> str:
     from agent.vision import load_backend
     from models.convert.rknn import convert
     from models.errors import FactoryError
-    from models.evaluate import outputs_map
+    from models.evaluate import letterboxed, outputs_map
 
     dataset = load_dataset(shared / "datasets" / "coco8")
-    names = load_backend("onnxruntime", fp32, ModelConfig(path=fp32)).info.class_names
+    reference = load_backend("onnxruntime", fp32, ModelConfig(path=fp32))
+    names = reference.info.class_names
+    items = letterboxed(reference, dataset)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         synthesise([shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"],
                    work / "calib", 16)  # fmt: skip
         try:
-            done = convert(
-                fp32, work / "calib", work / "m.rknn", [s.image for s in dataset.samples]
-            )
+            done = convert(fp32, work / "calib", work / "m.rknn", [t for t, _ in items])
         except FactoryError as exc:
             return f"RKNN (RK3588 NPU) simulator: not run: {exc}"
-    map50_95, map50 = outputs_map(dataset, done.outputs, done.boxes, names)
+    map50_95, map50 = outputs_map(dataset, done.outputs, [box for _, box in items], names)
     return (
         f"RKNN rk3588 int8, rknn-toolkit2 simulator: mAP50-95 {map50_95:.4f} (fp32 "
         f"{float_map:.4f}, {100 * (map50_95 - float_map):+.2f} points), mAP50 {map50:.3f}; "

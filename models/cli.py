@@ -10,14 +10,18 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.errors import AgentError
 from models.errors import FactoryError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE, EXIT_HALTED = 0, 1, 2, 3, 4
+CONVERTED_TARGETS = ("rk3588",)  # publish converts the float ONNX for these, verified in one go
 
 
 def _host_target() -> str:
@@ -50,9 +54,14 @@ def _target_for(model: Path, explicit: str | None) -> str:
     target = explicit or made_for or _host_target()
     known_target(target)
     if made_for and made_for not in targets.preferences(target):
+        fix = (
+            f"{target} quantizes the float model itself: publish the float ONNX with --calib"
+            if target in CONVERTED_TARGETS
+            else f"quantize it with --target {target}"
+        )
         raise FactoryError(
             f"{model.name} was made for {made_for}; {target} devices do not run {made_for} "
-            f"models (quantize it with --target {target})"
+            f"models ({fix})"
         )
     return target
 
@@ -183,13 +192,68 @@ def _golden_for(args: argparse.Namespace, runner: object, target: str) -> dict:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from models.channel import inspect_onnx, publish
-    from models.gate import gate_model
-    from models.kernels import SemanticsRunner, verification
+    from models.channel import inspect_onnx
+    from models.kernels import verification
 
     evaluated = args.info or args.model
     target = _target_for(evaluated, args.target)
+    if target in CONVERTED_TARGETS:
+        with tempfile.TemporaryDirectory(prefix="edge-models-publish-") as work:
+            shipped, runner, info = _converted_for(args, target, Path(work))
+            return _gate_and_publish(args, target, shipped, args.model, runner, info)
+    info = inspect_onnx(args.info) if args.info is not None else None
     runner = verification(target, args.unverified_target)
+    return _gate_and_publish(args, target, args.model, evaluated, runner, info)
+
+
+def _converted_for(args: argparse.Namespace, target: str, work: Path) -> tuple[Path, Any, Any]:
+    """Convert the float ONNX for ``target`` once, running the simulator on every image the gate
+    and the golden set will judge: the file to ship, the runner that answers for it, its info."""
+    from agent.config import ModelConfig
+    from agent.vision import load_backend
+    from models.channel import inspect_onnx
+    from models.convert.rknn import SimulatorRunner, convert
+    from models.datasets import load_dataset
+    from models.evaluate import letterboxed
+    from models.golden import golden_images, golden_inputs
+
+    if args.model.suffix.lower() != ".onnx" or args.info is not None:
+        raise FactoryError(
+            f"publish --target {target} converts the float ONNX itself (--model fp32.onnx "
+            "--calib DIR): a written .rknn cannot be verified, the toolkit's simulator runs only "
+            "the build it made"
+        )
+    if args.calib is None:
+        raise FactoryError(f"publish --target {target} needs --calib DIR (calibration images)")
+    info = inspect_onnx(args.model)
+    if info.precision not in ("fp32", "fp16"):
+        raise FactoryError(
+            f"{args.model.name} is {info.precision}: {target} quantizes the float model itself"
+        )
+    reference = load_backend("onnxruntime", args.model, ModelConfig(path=args.model))
+    try:
+        tensors = []
+        if not args.no_gate and args.data is not None:
+            tensors += [t for t, _ in letterboxed(reference, load_dataset(args.data))]
+        if args.golden is None and args.golden_images:
+            entries = golden_images(args.golden_images)
+            tensors += [t for t, _ in golden_inputs(entries, info.imgsz, info.input_dtype)]
+    finally:
+        reference.close()
+    shipped = work / "model.rknn"
+    conversion = convert(args.model, args.calib, shipped, tensors, imgsz=info.imgsz)
+    return shipped, SimulatorRunner.of(tensors, conversion), replace(info, precision="int8")
+
+
+def _gate_and_publish(
+    args: argparse.Namespace, target: str, shipped: Path, evaluated: Path, runner: Any, info: Any
+) -> int:
+    """The quality gate on ``runner`` (``evaluated`` is what it judges), the golden set on the
+    same runner, then ``shipped`` into the channel; a failed gate publishes nothing."""
+    from models.channel import publish
+    from models.gate import gate_model
+    from models.kernels import SemanticsRunner
+
     verified = {"target": target, "kernels": runner.describe()}
     if isinstance(runner, SemanticsRunner):
         verified["unverified_target"] = True
@@ -215,11 +279,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 print(f"  - {reason}", file=sys.stderr)
             return EXIT_GATE
         gate = {"passed": True, "checks": result.checks, **verified}
-    info = inspect_onnx(args.info) if args.info is not None else None
     published = publish(
         args.channel,
         args.keys,
-        args.model,
+        shipped,
         args.version,
         _golden_for(args, runner, target),
         name=args.name,
@@ -301,19 +364,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     reference = load_backend("onnxruntime", args.model, ModelConfig(path=args.model))
     dataset = load_dataset(args.data) if args.data is not None else None
-    images = [sample.image for sample in dataset.samples] if dataset is not None else None
-    done = convert(args.model, args.calib, args.out, images, args.full_graph, reference.info.imgsz)
+    items = letterboxed(reference, dataset) if dataset is not None else []
+    tensors = [tensor for tensor, _ in items]
+    done = convert(args.model, args.calib, args.out, tensors, args.full_graph, reference.info.imgsz)
     rows = []
     if dataset is not None:
+        boxes = [box for _, box in items]
         for name, runtime, outputs in (
-            (
-                args.model.name,
-                "onnxruntime fp32",
-                [reference.infer(tensor) for tensor, _ in letterboxed(reference, dataset)],
-            ),
+            (args.model.name, "onnxruntime fp32", [reference.infer(t) for t in tensors]),
             (args.out.name, f"{args.target} int8 (rknn-toolkit2 simulator)", done.outputs),
         ):
-            map50_95, map50 = outputs_map(dataset, outputs, done.boxes, reference.info.class_names)
+            map50_95, map50 = outputs_map(dataset, outputs, boxes, reference.info.class_names)
             rows.append({"model": name, "runtime": runtime, "map50_95": map50_95, "map50": map50})
     if args.json:
         print(json.dumps({"out": str(done.rknn), "target": args.target, "results": rows}, indent=2))
@@ -465,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout", type=float, default=100.0, help="percent of devices (100)")
     p.add_argument("--min-agent-version", default=__version__)
     p.add_argument("--info", type=Path, help="for an engine: the ONNX it was built from")
+    p.add_argument(
+        "--calib", type=Path, help="rk3588: calibration images (the float model is converted)"
+    )
     p.add_argument("--golden", type=Path, help="golden set (edge-models golden)")
     p.add_argument("--golden-images", type=Path, nargs="+", help="record the golden set here")
     p.add_argument("--reference", type=Path, help="gate: float model or stored report.json")

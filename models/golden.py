@@ -30,6 +30,37 @@ from models.outputs import atomic_path, refuse_existing
 from models.probe import first_conv_probe
 
 
+def golden_images(images: list[Path], max_side: int = 480, quality: int = 90) -> list[dict]:
+    """The set's images: each downscaled and re-encoded as the JPEG that travels in the set."""
+    entries: list[dict[str, Any]] = []
+    for path in images:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise FactoryError(f"golden image cannot be decoded: {path}")
+        scale = min(1.0, max_side / max(image.shape[:2]))
+        if scale < 1.0:
+            image = cv2.resize(
+                image,
+                (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+                interpolation=cv2.INTER_AREA,
+            )
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise FactoryError(f"cannot encode {path} as JPEG")
+        entries.append(
+            {"name": path.name, "jpeg_base64": base64.b64encode(jpeg.tobytes()).decode()}
+        )
+    return entries
+
+
+def golden_inputs(
+    entries: list[dict], imgsz: tuple[int, int], dtype: str = "float32"
+) -> list[tuple[np.ndarray, Any]]:
+    """The tensors a device feeds its model for these entries (the decoded JPEG, letterboxed)."""
+    pre = Preprocessor(imgsz, np.dtype(dtype), pool_size=1)
+    return [pre(decode_image(e), out=np.empty((1, 3, *imgsz), dtype)) for e in entries]
+
+
 def record_golden(
     model: Path,
     images: list[Path],
@@ -42,31 +73,10 @@ def record_golden(
     """The golden set of ``model`` on ``images``, detected with ``runner`` (default: here)."""
     params = params or DetectionParams()
     backend = load_backend("onnxruntime", model, ModelConfig(path=model))
-    entries: list[dict[str, Any]] = []
     try:
-        for path in images:
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                raise FactoryError(f"golden image cannot be decoded: {path}")
-            scale = min(1.0, max_side / max(image.shape[:2]))
-            if scale < 1.0:
-                image = cv2.resize(
-                    image,
-                    (round(image.shape[1] * scale), round(image.shape[0] * scale)),
-                    interpolation=cv2.INTER_AREA,
-                )
-            ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
-            if not ok:
-                raise FactoryError(f"cannot encode {path} as JPEG")
-            entries.append(
-                {"name": path.name, "jpeg_base64": base64.b64encode(jpeg.tobytes()).decode()}
-            )
+        entries = golden_images(images, max_side, quality)
         info = backend.info
-        pre = Preprocessor(info.imgsz, np.dtype(info.input_dtype), pool_size=1)
-        prepared = [
-            pre(decode_image(e), out=np.empty((1, 3, *info.imgsz), info.input_dtype))
-            for e in entries
-        ]
+        prepared = golden_inputs(entries, info.imgsz, info.input_dtype)
         tensors = [tensor for tensor, _ in prepared]
         outputs = (
             runner.run(model, tensors, backend) if runner else [backend.infer(t) for t in tensors]

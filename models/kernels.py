@@ -228,7 +228,12 @@ def runner_for(target: str, host: Detected | None = None) -> KernelRunner:
         UnknownTarget: ``target`` is not a target name.
         UnverifiableTarget: no way to run them here; the message says what would.
     """
-    known_target(target)
+    if known_target(target).runtime == "rknn":
+        raise UnverifiableTarget(
+            f"{target} models are verified on rknn-toolkit2's simulator during their conversion: "
+            f"`edge-models convert --target {target} --data DIR`, or `publish --target {target} "
+            "--calib DIR`, which converts, gates and ships one build"
+        )
     host = host or targets.detect()
     if target == host.target:
         return NativeRunner(target, host)

@@ -42,9 +42,11 @@ def test_keys_init_makes_private_keys_and_a_signed_channel_and_never_overwrites(
 
 
 def test_publish_runs_the_gate_first_and_refuses_a_collapsed_model(
-    tmp_path, fp32_model, u8s8_model, aarch64_model, collapsed_model, shared
+    tmp_path, fp32_model, u8s8_model, aarch64_model, collapsed_model, shared, golden_set
 ):
     keys, channel = tmp_path / "keys", tmp_path / "channel"
+    golden_file = tmp_path / "golden.json"
+    golden_file.write_text(json.dumps(golden_set))
     assert models_cli("keys", "init", "--keys", keys, "--channel", channel).returncode == 0
     images = [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"]
     common = ["--channel", channel, "--keys", keys, "--name", "yolov8n-coco"]
@@ -80,9 +82,10 @@ def test_publish_runs_the_gate_first_and_refuses_a_collapsed_model(
     )  # fmt: skip
     assert arm.returncode == 0, arm.stderr
     assert set(index_of(channel, keys).releases[0].variants) == {"cpu-x86_64", "cpu-aarch64"}
+    # (named: on a VNNI host the float model would otherwise go to cpu-x86_64-vnni)
     clash = models_cli(
         "publish", *common, "--model", fp32_model, "--version", "1.0.0", "--no-gate",
-        "--golden-images", *images,
+        "--target", "cpu-x86_64", "--golden", golden_file,
     )  # fmt: skip
     assert clash.returncode == 1 and "publish a new version instead" in clash.stderr
 

@@ -5,6 +5,7 @@ runtime is missing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -105,17 +106,18 @@ def test_the_npu_input_is_the_letterboxed_image_in_uint8_nhwc():
 def test_rk3588_int8_on_the_simulator_detects_what_the_float_model_does(
     rknn_python, fp32_model, fp32_backend, calib, shared, tmp_path
 ):
-    from models.convert.rknn import convert
+    from models.convert.rknn import convert, letterbox_images
 
     images = [shared / "images" / f"{name}.jpg" for name in IMAGES]
-    done = convert(fp32_model, calib, tmp_path / "yolov8n.rknn", images)
+    prepared = letterbox_images(images, (640, 640))
+    done = convert(fp32_model, calib, tmp_path / "yolov8n.rknn", [t for t, _ in prepared])
     assert (tmp_path / "yolov8n.rknn").stat().st_size > 1_000_000
     record = json.loads((tmp_path / "yolov8n.rknn.json").read_text())
     assert record["imgsz"] == [640, 640] and "names" in record["metadata"]
     names = fp32_backend.info.class_names
     from agent.vision import DetectionParams, decode
 
-    for path, output, box in zip(images, done.outputs, done.boxes, strict=True):
+    for path, output, (_, box) in zip(images, done.outputs, prepared, strict=True):
         found = decode(output, box, DetectionParams(confidence=0.25), names)
         reference = detect(fp32_backend, cv2.imread(str(path)), confidence=0.25)
         strong = [d for d in reference if d.score > 0.5]
@@ -190,3 +192,113 @@ def test_an_rknn_model_without_the_npu_runtime_is_refused_cleanly(tmp_path, bus_
     result = run_cli("run", "-c", str(config), "--frames", "2")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "backend 'rknn' is not installed here" in result.stderr
+
+
+# -- publishing for the RK3588 ------------------------------------------------------------------
+def _new_channel(tmp_path):
+    keys, channel = tmp_path / "keys", tmp_path / "channel"
+    assert models_cli("keys", "init", "--keys", keys, "--channel", channel).returncode == 0
+    return ["--channel", channel, "--keys", keys, "--name", "yolov8n-coco"], channel, keys
+
+
+def test_publish_for_rk3588_ships_the_very_build_its_simulator_gated(
+    rknn_python, fp32_model, calib, shared, tmp_path
+):
+    from agent.targets import for_backend
+    from agent.updates.ota import choose
+    from agent.vision.backends.model_record import read_record
+    from models.channel.publish import open_repository
+    from tests.test_publish import index_of
+
+    common, channel, keys = _new_channel(tmp_path)
+    images = [shared / "images" / f"{name}.jpg" for name in IMAGES]
+    result = models_cli(
+        "publish", *common, "--model", fp32_model, "--version", "1.0.0", "--target", "rk3588",
+        "--calib", calib, "--reference", fp32_model, "--data", shared / "datasets" / "coco8",
+        "--max-map-drop", "1.5", "--golden-images", *images,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "published yolov8n-coco 1.0.0 for rk3588" in result.stdout
+    index = index_of(channel, keys)
+    variant = index.releases[0].variants["rk3588"]
+    with open_repository(channel, keys) as repo:
+        raw = repo.read_target(variant.descriptor)
+        descriptor = json.loads(raw)
+        shipped = repo.read_target(descriptor["file"]["path"])
+    assert descriptor["format"] == "rknn" and descriptor["precision"] == "int8"
+    assert descriptor["file"]["sha256"] == hashlib.sha256(shipped).hexdigest()
+    gate = descriptor["gate"]
+    assert gate["passed"] and "simulator" in gate["kernels"] and gate["target"] == "rk3588"
+    assert gate["checks"]["map50_95_drop_points"] <= 1.5 and "latency_ratio" not in gate["checks"]
+    golden = descriptor["golden"]
+    assert "simulator" in golden["recorded_on"] and "kernel_probe" not in golden
+    bus = next(e for e in golden["images"] if e["name"] == "bus.jpg")
+    assert any(d["label"] == "bus" and d["score"] > 0.5 for d in bus["detections"])
+
+    # a board running the rknn backend takes it; one running ONNX Runtime follows CPU models
+    assert choose(index, "yolov8n-coco", for_backend("rk3588", "rknn"), "d1", None)
+    assert choose(index, "yolov8n-coco", for_backend("rk3588", "onnxruntime"), "d1", None) is None
+    # installed over the air, the .rknn finds its names and size in the slot's descriptor
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    (slot / "model.rknn").write_bytes(shipped)
+    (slot / "descriptor.json").write_bytes(raw)
+    record = read_record(slot / "model.rknn")
+    assert record.imgsz == (640, 640) and record.names[5] == "bus"
+    assert record.metadata == {"model_name": "yolov8n-coco", "model_version": "1.0.0"}
+
+
+@pytest.mark.parametrize(
+    "model, extra, says",
+    [
+        ("m.rknn", ["--calib", "CALIB"], "converts the float ONNX itself"),
+        ("fp32", [], "needs --calib DIR"),
+        ("int8", ["--calib", "CALIB"], "quantizes the float model itself"),
+    ],
+)
+def test_publish_for_rk3588_refuses_what_it_cannot_verify(
+    model, extra, says, fp32_model, u8s8_model, calib, shared, tmp_path
+):
+    from tests.test_publish import index_of
+
+    common, channel, keys = _new_channel(tmp_path)
+    path = {"fp32": fp32_model, "int8": u8s8_model}.get(model, tmp_path / model)
+    if model.endswith(".rknn"):
+        path.write_bytes(b"RKNN" + bytes(64))
+    result = models_cli(
+        "publish", *common, "--model", path, "--version", "1.0.0", "--target", "rk3588",
+        "--no-gate", "--golden-images", shared / "images" / "bus.jpg",
+        *[calib if a == "CALIB" else a for a in extra],
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], lines
+    assert index_of(channel, keys).releases == []
+
+
+def test_a_compiled_model_reads_its_names_from_its_sidecar_or_its_ota_descriptor(tmp_path):
+    from agent.vision.backends.model_record import read_record
+
+    model = tmp_path / "m.rknn"
+    model.write_bytes(b"RKNN")
+    with pytest.raises(ModelError, match=r"no m\.rknn\.json .* and no descriptor\.json"):
+        read_record(model)
+    (tmp_path / "descriptor.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"descriptor\.json is unreadable"):
+        read_record(model)
+    sidecar = {"imgsz": [480, 640], "sha256": "ab" * 32,
+               "metadata": {"names": "{0: 'person', 1: 'bicycle'}", "model_name": "n"}}  # fmt: skip
+    (tmp_path / "m.rknn.json").write_text(json.dumps(sidecar))
+    record = read_record(model)  # the converter's record wins over a slot's descriptor
+    assert record.imgsz == (480, 640) and record.names == {0: "person", 1: "bicycle"}
+    assert record.identity == "ab" * 6 and record.metadata["model_name"] == "n"
+
+
+def test_the_cpu_gate_points_rk3588_models_to_the_simulator(fp32_model, shared):
+    result = models_cli(
+        "gate", "--candidate", fp32_model, "--reference", fp32_model,
+        "--data", shared / "datasets" / "coco8", "--target", "rk3588",
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "simulator during their conversion" in lines[0] and "--calib DIR" in lines[0]

@@ -72,6 +72,21 @@ def test_an_rk3588_board_is_found_by_its_device_tree(tmp_path):
     assert targets.preferences("rk3588") == ["rk3588", "cpu-aarch64"]
 
 
+@pytest.mark.parametrize(
+    "detected, backend, follows",
+    [
+        ("rk3588", "rknn", "rk3588"),
+        ("rk3588", "onnxruntime", "cpu-aarch64"),  # ONNX Runtime cannot run an .rknn
+        ("jetson-orin", "tensorrt", "jetson-orin"),
+        ("jetson-orin", "onnxruntime", "cpu-aarch64"),
+        ("cpu-x86_64-vnni", "openvino", "cpu-x86_64-vnni"),  # CPU targets: any CPU backend
+        ("cpu-riscv64", "onnxruntime", "cpu-riscv64"),
+    ],
+)
+def test_a_device_follows_the_models_its_configured_backend_runs(detected, backend, follows):
+    assert targets.for_backend(detected, backend) == follows
+
+
 def test_a_missing_cpuinfo_still_names_the_architecture(tmp_path):
     detected = targets.detect(tmp_path, "amd64")
     assert detected.target == "cpu-x86_64" and detected.features == ()

@@ -55,7 +55,9 @@ class ModelManager:
         self.events = events
         self.store = store or ModelStore(config.state_dir / "models")
         self.client = ChannelClient(config.ota, self.store.root / "tuf", config.device_id)
-        self.target = config.ota.target or targets.detect().target
+        self.target = config.ota.target or targets.for_backend(
+            targets.detect().target, config.model.backend
+        )
         self.live = LiveModel(config.ota, self.store, events, loader)
         self.flow = UpdateFlow(config.ota, self.client, self.live, self.target)
         self._requests: queue.Queue[Request] = queue.Queue()

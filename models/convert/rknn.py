@@ -64,46 +64,52 @@ def images_in(folder: Path) -> list[Path]:
     return images
 
 
-def _tensors(images: list[Path], folder: Path, imgsz: tuple[int, int]) -> list[tuple[Path, Any]]:
-    """Each image letterboxed as the agent does it, saved as the NCHW uint8 the NPU takes
-    (the .rknn divides by 255 itself); with the letterbox geometry to map boxes back."""
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = []
-    for i, path in enumerate(images):
+def letterbox_images(images: list[Path], imgsz: tuple[int, int]) -> list[tuple[np.ndarray, Any]]:
+    """Each image letterboxed as the agent does it: the float NCHW tensor and its geometry."""
+    prepared = []
+    for path in images:
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
             raise FactoryError(f"{path} is not a readable image")
-        tensor, box = Preprocessor(imgsz, pool_size=1)(image)
+        prepared.append(Preprocessor(imgsz, pool_size=1)(image))
+    return prepared
+
+
+def _save_uint8(tensors: list[np.ndarray], folder: Path) -> list[Path]:
+    """Tensors as the NCHW uint8 the NPU takes (the .rknn divides by 255 itself)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for i, tensor in enumerate(tensors):
         target = folder / f"{i:05d}.npy"
         np.save(target, np.round(tensor * 255).astype(np.uint8))
-        saved.append((target, box))
+        saved.append(target)
     return saved
 
 
 @dataclass
 class Conversion:
     rknn: Path
-    outputs: list[np.ndarray]  # per evaluation image: the merged [1, 4+nc, N] head output
-    boxes: list[Any]  # per evaluation image: its letterbox geometry
+    outputs: list[np.ndarray]  # per evaluation tensor: the merged [1, 4+nc, N] head output
 
 
 def convert(
     model: Path,
     calib: Path,
     out: Path,
-    evaluate_on: list[Path] | None = None,
+    evaluate_on: list[np.ndarray] | None = None,
     full_graph: bool = False,
     imgsz: tuple[int, int] = (640, 640),
 ) -> Conversion:
-    """Convert ``model`` to ``out`` (written only when all went well); with ``evaluate_on``, the
-    simulator's merged head outputs on those images.
+    """Convert ``model`` to ``out`` (written only when all went well); with ``evaluate_on``
+    (letterboxed float tensors, as the agent feeds a model), the simulator's merged head outputs
+    on them, from the same build whose bytes are written.
 
     Raises:
         FactoryError: no conversion environment, bad inputs, the toolkit failed (its reason),
             or a full-graph conversion (refused after it is shown to collapse).
     """
     python = toolkit_python()
-    calibration = images_in(calib)
+    calibration = [t for t, _ in letterbox_images(images_in(calib), imgsz)]
     with tempfile.TemporaryDirectory(prefix="edge-models-rknn-") as tmp:
         work = Path(tmp)
         source = work / "model.onnx"
@@ -113,15 +119,15 @@ def convert(
         else:
             cut_at_head(model, source)
         _relabel_opset(source, 19)
-        calib_tensors = _tensors(calibration, work / "calib", imgsz)
-        (work / "dataset.txt").write_text("".join(f"{p}\n" for p, _ in calib_tensors))
-        eval_tensors = _tensors(evaluate_on or [], work / "eval", imgsz)
+        calib_files = _save_uint8(calibration, work / "calib")
+        (work / "dataset.txt").write_text("".join(f"{p}\n" for p in calib_files))
+        eval_files = _save_uint8(evaluate_on or [], work / "eval")
         job = {
             "platform": PLATFORM,
             "model": str(source),
             "dataset": str(work / "dataset.txt"),
             "out": str(work / "model.rknn"),
-            "inputs": [str(p) for p, _ in eval_tensors],
+            "inputs": [str(p) for p in eval_files],
             "outputs": str(work / "outputs.npz"),
         }
         answer = _run_worker(python, job)
@@ -134,9 +140,9 @@ def convert(
             )
         if not answer.get("ok"):
             raise FactoryError(f"rknn-toolkit2 could not convert {model.name} ({failure})")
-        raw = np.load(work / "outputs.npz") if eval_tensors else {}
+        raw = np.load(work / "outputs.npz") if eval_files else {}
         outputs = []
-        for i in range(len(eval_tensors)):
+        for i in range(len(eval_files)):
             maps = [raw[f"{i}_{j}"] for j in range(sum(k.startswith(f"{i}_") for k in raw))]
             outputs.append(maps[0] if full_graph else merge_split_head(maps))
         if full_graph:
@@ -162,7 +168,39 @@ def convert(
             partial = path.with_name(f".{path.name}.partial")
             partial.write_bytes(content)
             partial.replace(path)
-        return Conversion(out, outputs, [box for _, box in eval_tensors])
+        return Conversion(out, outputs)
+
+
+@dataclass
+class SimulatorRunner:
+    """A ``KernelRunner`` that answers with the outputs the simulator gave during the one build
+    whose bytes ship: the gate and the golden set judge exactly the published .rknn (a rebuild
+    is not byte-identical, and a written .rknn cannot run on the simulator)."""
+
+    outputs: dict[str, np.ndarray]
+    target: str = PLATFORM
+    measures_speed: bool = False  # the simulator's speed says nothing of the NPU's
+
+    @classmethod
+    def of(cls, tensors: list[np.ndarray], conversion: Conversion) -> SimulatorRunner:
+        return cls(dict(zip(map(_key, tensors), conversion.outputs, strict=True)))
+
+    def describe(self) -> str:
+        return f"{RKNN_PINS} simulator, the build that ships ({PLATFORM} INT8; accuracy only)"
+
+    def run(self, model: Path, tensors: list[np.ndarray], loaded: Any = None) -> list[np.ndarray]:
+        try:
+            return [self.outputs[_key(t)] for t in tensors]
+        except KeyError:
+            raise FactoryError(
+                f"{model.name}: an input the {PLATFORM} build was not run on (the simulator "
+                "runs only inside the conversion; pass every image to it)"
+            ) from None
+
+
+def _key(tensor: np.ndarray) -> str:
+    """A tensor's identity as the NPU sees it: its uint8 pixels."""
+    return hashlib.sha256(np.round(tensor * 255).astype(np.uint8).tobytes()).hexdigest()
 
 
 def _relabel_opset(path: Path, version: int) -> None:

@@ -3,13 +3,13 @@
 The .rknn that ``edge-models convert --target rk3588`` writes ends at the head's six
 convolutions; ``split_head.merge_split_head`` finishes the head on the CPU, so the usual decode and
 NMS follow. Class names, input size and the model's identity come from the ``.rknn.json`` the
-converter writes beside it (an .rknn carries none of the ONNX metadata). All three NPU cores by
+converter writes beside it, or from the descriptor of the OTA slot it was installed into
+(``model_record``: an .rknn carries none of the ONNX metadata). All three NPU cores by
 default (``model.rknn.core_mask``). Imported only when configured: rknnlite exists only on boards.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ import numpy as np
 from rknnlite.api import RKNNLite
 
 from agent.errors import BackendUnavailable, ModelError
-from agent.vision.backends.base import BackendInfo, parse_names, register, warm_up
+from agent.vision.backends.base import BackendInfo, register, warm_up
+from agent.vision.backends.model_record import read_record
 from agent.vision.split_head import merge_split_head, npu_input
 
 CORE_MASKS = {
@@ -30,24 +31,14 @@ CORE_MASKS = {
 }
 
 
-def sidecar(path: Path) -> dict[str, Any]:
-    """The converter's record beside the .rknn: source metadata, input size, class names."""
-    side = path.with_name(path.name + ".json")
-    try:
-        return json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: its {side.name} (written by edge-models convert) is missing "
-                         f"or unreadable: {exc}") from None  # fmt: skip
-
-
 class RknnBackend:
     def __init__(self, path: Path, options: Any) -> None:
         if path.suffix.lower() != ".rknn":
             raise ModelError(f"{path}: the rknn backend runs .rknn files (edge-models convert)")
-        record = sidecar(path)
-        metadata = {k: str(v) for k, v in (record.get("metadata") or {}).items()}
-        names = getattr(options, "names", None) or parse_names(metadata.get("names"))
-        height, width = record.get("imgsz") or (640, 640)
+        record = read_record(path)
+        metadata = record.metadata
+        names = getattr(options, "names", None) or record.names
+        height, width = record.imgsz
         if not names:
             raise ModelError(f"{path}: no class names (in its .rknn.json or model.names)")
         self._rknn = RKNNLite(verbose=False)
@@ -64,7 +55,7 @@ class RknnBackend:
             provider=f"rk3588-npu:{mask}",
             model_path=str(path),
             model_name=metadata.get("model_name", path.stem),
-            model_version=metadata.get("model_version", record.get("sha256", "")[:12]),
+            model_version=metadata.get("model_version", record.identity),
             input_name="images",
             input_shape=(1, 3, int(height), int(width)),
             input_dtype="float32",
