@@ -91,6 +91,11 @@ class OpenVinoConfig(StrictModel):
     cache_dir: Path | None = Field(
         None, description="Compiled-model cache (default: <state_dir>/openvino): faster starts."
     )
+    inference_precision: Literal["auto", "f32", "bf16", "f16"] = Field(
+        "auto",
+        description="Float arithmetic: auto is f32 on CPU (what the gate verified; OpenVINO "
+        "would pick bf16 on CPUs with AMX or AVX-512 BF16) and the device's own elsewhere.",
+    )
 
 
 class RknnConfig(StrictModel):
@@ -98,6 +103,19 @@ class RknnConfig(StrictModel):
 
     core_mask: Literal["auto", "0", "1", "2", "0_1", "0_1_2"] = Field(
         "0_1_2", description="NPU cores: all three by default (one camera, lowest latency)."
+    )
+
+
+class TensorRtConfig(StrictModel):
+    """The TensorRT backend (NVIDIA GPUs and Jetsons)."""
+
+    precision: Literal["auto", "int8", "fp16", "fp32"] = Field(
+        "auto", description="auto: int8 for a QDQ model (explicit quantization), else fp16."
+    )
+    workspace_mb: int = Field(1024, ge=64, description="Builder workspace limit.")
+    device: int = Field(0, ge=0, description="CUDA device index.")
+    cuda: Literal["auto", "pycuda", "cuda-python"] = Field(
+        "auto", description="GPU memory and streams through pycuda (else cuda-python)."
     )
 
 
@@ -109,7 +127,8 @@ class ModelConfig(StrictModel):
         "onnxruntime",
         pattern=r"^[a-z][a-z0-9_]*$",
         description="onnxruntime (any CPU; CUDA and TensorRT providers), openvino (Intel CPU, "
-        "GPU, NPU) or rknn (RK3588 NPU, a .rknn from edge-models convert).",
+        "GPU, NPU), rknn (RK3588 NPU, a .rknn from edge-models convert) or tensorrt (NVIDIA "
+        "GPUs and Jetsons: an ONNX built into a cached engine, or a prebuilt .engine).",
     )
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
@@ -117,13 +136,16 @@ class ModelConfig(StrictModel):
     )
     threads: int = Field(0, ge=0, description="Intra-op threads; 0 lets the runtime decide.")
     engine_cache_dir: Path | None = Field(
-        None, description="TensorRT execution provider engine cache (default: <state_dir>/engines)."
+        None,
+        description="TensorRT engines (the tensorrt backend's and the TensorRT execution "
+        "provider's) and their timing cache (default: <state_dir>/engines).",
     )
     names: dict[int, str] | None = Field(None, description="Override the model's class names.")
     imgsz: tuple[int, int] | None = Field(None, description="Override the model's input (h, w).")
     warmup_runs: int = Field(1, ge=0)
     openvino: OpenVinoConfig = Field(default_factory=OpenVinoConfig)
     rknn: RknnConfig = Field(default_factory=RknnConfig)
+    tensorrt: TensorRtConfig = Field(default_factory=TensorRtConfig)
 
     @field_validator("providers")
     @classmethod

@@ -59,6 +59,7 @@ def test_openvino_finds_what_onnxruntime_finds(which, fp32_model, u8s8_model, im
     path = {"fp32": fp32_model, "int8": u8s8_model}[which]
     ours, theirs = openvino(path), onnxruntime(path)
     assert ours.info.precision == theirs.info.precision == which
+    assert ours.info.provider == "CPU (f32)"  # never bf16 behind our back (AMX CPUs would)
     assert ours.info.class_names == theirs.info.class_names
     for image in images.values():
         found = detect(ours, image, confidence=CONFIDENCE)
@@ -93,6 +94,16 @@ def test_a_live_swap_between_runtimes_drops_no_frame(bus_video, fp32_model):
     switch = runtimes.index("openvino")
     back = runtimes.index("onnxruntime", switch)
     assert switch > 8 and set(runtimes[switch:back]) == {"openvino"} and back > 16
+
+
+def test_a_cpu_runs_f32_unless_asked_and_other_devices_keep_their_own():
+    from agent.vision.backends.openvino import inference_precision
+
+    assert inference_precision("auto", "CPU") == "f32"
+    assert (
+        inference_precision("auto", "GPU.0") is None and inference_precision("auto", "NPU") is None
+    )
+    assert inference_precision("bf16", "CPU") == "bf16"
 
 
 def test_a_device_openvino_does_not_have_is_one_line(fp32_model):
