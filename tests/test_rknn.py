@@ -245,7 +245,8 @@ def test_publish_for_rk3588_ships_the_very_build_its_simulator_gated(
     (slot / "descriptor.json").write_bytes(raw)
     record = read_record(slot / "model.rknn")
     assert record.imgsz == (640, 640) and record.names[5] == "bus"
-    assert record.metadata == {"model_name": "yolov8n-coco", "model_version": "1.0.0"}
+    assert record.metadata["model_name"] == "yolov8n-coco"
+    assert record.metadata["model_version"] == "1.0.0" and record.metadata["precision"] == "int8"
 
 
 @pytest.mark.parametrize(
