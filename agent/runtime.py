@@ -33,6 +33,7 @@ from agent.vision import (
     Backend,
     Pipeline,
     build_sinks,
+    on_engine_builds,
     open_source,
     resolve_classes,
 )
@@ -62,6 +63,7 @@ class Agent:
             raise ConfigError(f"state_dir {config.state_dir} cannot be created: {exc}") from None
         self.loader = ModelLoader(config)
         self.notifier.extend_timeout(300)  # loading may build a TensorRT engine: minutes
+        self._stop_hearing_builds = on_engine_builds(self._engine_build)
         self._owns_backend = backend is None  # a backend passed in stays its caller's to close
         self.manager: ModelManager | None = None
         if config.ota.enabled and backend is None:
@@ -135,6 +137,20 @@ class Agent:
             self.link,
             self.telemetry,
         )
+
+    def _engine_build(self, kind: str, details: dict[str, Any]) -> None:
+        """TensorRT builds on ``events``; one at start keeps systemd waiting (before READY=1)."""
+        if kind == "engine_build_started":
+            self.notifier.extend_timeout(1800)
+            gpu, precision = details.get("gpu"), details.get("precision")
+            message = f"building a TensorRT engine ({precision} on {gpu}): minutes on a Jetson"
+            self.events.emit(kind, message, "info", **details)
+        elif kind == "engine_built":
+            message = f"TensorRT engine built in {details.get('seconds')} s"
+            self.events.emit(kind, message, "info", **details)
+        else:
+            message = f"TensorRT engine build failed: {details.get('reason')}"
+            self.events.emit(kind, message, "error", **details)
 
     @property
     def source(self) -> Any:
@@ -243,4 +259,5 @@ class Agent:
             if self.backend is not active:
                 self.backend.close()
         self.notifier.close()
+        self._stop_hearing_builds()
         self.ladder.cancel_hard_exit()

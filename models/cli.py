@@ -203,7 +203,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
             return _gate_and_publish(args, target, shipped, args.model, runner, info)
     info = inspect_onnx(args.info) if args.info is not None else None
     runner = verification(target, args.unverified_target)
-    return _gate_and_publish(args, target, args.model, evaluated, runner, info)
+    return _gate_and_publish(args, target, args.model, evaluated, runner, info, _engines(args))
+
+
+def _engines(args: argparse.Namespace) -> list[tuple[Path, dict]]:
+    """The prebuilt engines to ship, each checked to come from the model published."""
+    from models.convert.tensorrt import engine_record
+
+    if args.engine and (args.model.suffix.lower() != ".onnx" or not args.target
+                        or not args.target.startswith("jetson")):  # fmt: skip
+        raise FactoryError("--engine ships TensorRT engines beside their ONNX for a jetson-* "
+                           "target: --model ONNX --target jetson-<class>")  # fmt: skip
+    return [(engine, engine_record(engine, args.model)) for engine in args.engine]
 
 
 def _converted_for(args: argparse.Namespace, target: str, work: Path) -> tuple[Path, Any, Any]:
@@ -246,7 +257,13 @@ def _converted_for(args: argparse.Namespace, target: str, work: Path) -> tuple[P
 
 
 def _gate_and_publish(
-    args: argparse.Namespace, target: str, shipped: Path, evaluated: Path, runner: Any, info: Any
+    args: argparse.Namespace,
+    target: str,
+    shipped: Path,
+    evaluated: Path,
+    runner: Any,
+    info: Any,
+    engines: list[tuple[Path, dict]] | None = None,
 ) -> int:
     """The quality gate on ``runner`` (``evaluated`` is what it judges), the golden set on the
     same runner, then ``shipped`` into the channel; a failed gate publishes nothing."""
@@ -291,6 +308,7 @@ def _gate_and_publish(
         min_agent_version=args.min_agent_version,
         info=info,
         gate=gate,
+        engines=engines,
     )
     print(
         f"published {published.name} {published.version} for {published.target} "
@@ -382,6 +400,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"wrote {done.rknn} for {args.target} ({done.rknn.stat().st_size} bytes)")
     for row in rows:
         print(f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}")
+    return EXIT_OK
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    """A TensorRT engine of an ONNX model, built here (a device of the target class)."""
+    from models.convert.tensorrt import build
+
+    record = build(args.model, args.out, args.precision, args.workspace_mb)
+    print(
+        f"wrote {args.out} ({record['precision']}, TensorRT {record['tensorrt']}, {record['gpu']} "
+        f"sm {record['compute_capability']}) and {args.out.name}.json"
+    )
     return EXIT_OK
 
 
@@ -529,6 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calib", type=Path, help="rk3588: calibration images (the float model is converted)"
     )
+    p.add_argument(
+        "--engine",
+        type=Path,
+        action="append",
+        default=[],
+        help="jetson-*: a TensorRT engine built from --model by build-engine (repeatable: one per "
+        "TensorRT version and GPU); devices that match take it, others build their own",
+    )
     p.add_argument("--golden", type=Path, help="golden set (edge-models golden)")
     p.add_argument("--golden-images", type=Path, nargs="+", help="record the golden set here")
     p.add_argument("--reference", type=Path, help="gate: float model or stored report.json")
@@ -601,6 +639,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="try the whole graph in INT8 (refused: shown on the simulator to collapse scores)",
     )
     c.set_defaults(func=cmd_convert)
+
+    b = sub.add_parser(
+        "build-engine",
+        help="build a TensorRT engine here (run it on a device of the target class: an engine "
+        "runs only on the TensorRT version and GPU that built it)",
+    )
+    b.add_argument("--model", type=Path, required=True, help="ONNX (QDQ INT8 or float)")
+    b.add_argument("--out", type=Path, required=True, help="the .engine to write")
+    b.add_argument("--precision", choices=["auto", "int8", "fp16", "fp32"], default="auto",
+                   help="auto: int8 for a QDQ model, fp16 for a float one")  # fmt: skip
+    b.add_argument("--workspace-mb", type=int, default=1024)
+    b.set_defaults(func=cmd_build_engine)
 
     f = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
     f.add_argument("--channel", type=Path, required=True)

@@ -188,6 +188,19 @@ def test_frames_over_the_deadline_are_counted_late(bus_video, tiny_backend):
     assert pipeline.stats.late == 24 and pipeline.stats.frames_out == 24  # files never drop
 
 
+def test_device_time_from_an_accelerator_is_kept_beside_the_wall_time(bus_video, tiny_backend):
+    class TimedBackend(SlowBackend):
+        last_device_ms = 1.25  # what a backend timing its run with CUDA events reports
+
+    pipeline = file_pipeline(bus_video, TimedBackend(tiny_backend, delay=0.0), [Recorder()])
+    pipeline.run()
+    latency = pipeline.stats.snapshot()["latency_ms"]
+    assert latency["inference_device"]["p50"] == 1.25 and latency["inference"]["p50"] > 0
+    plain = file_pipeline(bus_video, tiny_backend, [Recorder()])
+    plain.run()
+    assert "inference_device" not in plain.stats.snapshot()["latency_ms"]
+
+
 def test_stop_drains_frames_in_flight(bus_video, tiny_backend):
     source = open_source(SourceConfig(uri=str(bus_video), pace="fast", loop=True))
     pipeline = Pipeline(

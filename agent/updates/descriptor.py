@@ -64,6 +64,24 @@ class InputSpec(_Lenient):
     dtype: str = "float32"
 
 
+class PrebuiltEngine(_Lenient):
+    """A TensorRT engine built from the descriptor's ONNX on one TensorRT version and GPU model."""
+
+    file: ModelFile
+    tensorrt: str = Field(min_length=1, max_length=40)
+    gpu: str = Field(min_length=1, max_length=120)
+    compute_capability: str = Field(pattern=r"^[0-9]{1,2}\.[0-9]{1,2}$")
+    precision: str = "int8"
+
+
+class EngineEnvironment(_Lenient):
+    """What a device's TensorRT engines are tied to."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+
+
 class ModelDescriptor(_Lenient):
     """Everything a device needs to judge a model before it runs it."""
 
@@ -81,10 +99,29 @@ class ModelDescriptor(_Lenient):
     golden: dict[str, Any]
     published: str | None = None
     gate: dict[str, Any] | None = None
+    engines: list[PrebuiltEngine] = Field(default_factory=list, max_length=32)
 
     def model_post_init(self, _: Any) -> None:
         if self.golden.get("schema") != GOLDEN_SCHEMA or not self.golden.get("images"):
             raise ValueError("golden: not a golden self-test set (schema or images missing)")
+
+
+def file_for(
+    descriptor: ModelDescriptor, environment: EngineEnvironment | None
+) -> tuple[ModelFile, str]:
+    """The file this device downloads, and why: a prebuilt engine only when its TensorRT version
+    and GPU are exactly this device's (an engine runs nowhere else); otherwise the ONNX it came
+    from, which the device builds into an engine itself."""
+    if descriptor.format != "onnx" or environment is None:
+        return descriptor.file, descriptor.format
+    for engine in descriptor.engines:
+        if (engine.tensorrt, engine.gpu, engine.compute_capability) == (
+            environment.tensorrt,
+            environment.gpu,
+            environment.compute_capability,
+        ):
+            return engine.file, "engine"
+    return descriptor.file, "onnx"
 
 
 class Variant(_Lenient):

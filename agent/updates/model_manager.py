@@ -23,11 +23,12 @@ from typing import Any
 from agent import targets
 from agent.config import AgentConfig
 from agent.updates import startup
+from agent.updates.descriptor import EngineEnvironment
 from agent.updates.live_model import LiveModel, ManagerError
 from agent.updates.model_store import ModelStore, SlotRecord, StoreError, StoreState, write_atomic
 from agent.updates.ota import ChannelClient, OtaError, announce_delay, poll_delay
 from agent.updates.update_flow import UpdateFlow
-from agent.vision import Backend, ModelStats
+from agent.vision import Backend, ModelStats, local_engine_environment
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,15 @@ class Request:
     args: dict[str, Any]
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
+
+
+def engine_environment(config: AgentConfig) -> EngineEnvironment | None:
+    """With the tensorrt backend, what this device's engines are tied to (so it may take a
+    prebuilt one); otherwise None: the release's ONNX."""
+    if config.model.backend != "tensorrt":
+        return None
+    found = local_engine_environment(config.model.tensorrt.device, config.model.tensorrt.cuda)
+    return EngineEnvironment(**found) if found else None
 
 
 class ModelManager:
@@ -59,7 +69,9 @@ class ModelManager:
             targets.detect().target, config.model.backend
         )
         self.live = LiveModel(config.ota, self.store, events, loader)
-        self.flow = UpdateFlow(config.ota, self.client, self.live, self.target)
+        self.flow = UpdateFlow(
+            config.ota, self.client, self.live, self.target, engine_environment(config)
+        )
         self._requests: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-manager", daemon=True)

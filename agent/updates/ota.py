@@ -30,9 +30,12 @@ from agent.updates.descriptor import (
     INDEX_TARGET,
     ChannelFormatError,
     ChannelIndex,
+    EngineEnvironment,
     ModelDescriptor,
+    ModelFile,
     Release,
     Variant,
+    file_for,
     in_rollout,
     parse,
 )
@@ -99,6 +102,8 @@ class Offer:
     descriptor: ModelDescriptor
     descriptor_bytes: bytes
     model_target: TargetFile
+    file: ModelFile  # what is downloaded: the descriptor's file, or a prebuilt engine of it
+    file_format: str = "onnx"
 
     @property
     def version(self) -> str:
@@ -198,8 +203,10 @@ class ChannelClient:
         active_version: str | None,
         pinned: str | None = None,
         rejected: dict[str, str] | None = None,
+        engines: EngineEnvironment | None = None,
     ) -> Offer | None:
-        """Refresh trusted metadata and return the release to install, if any.
+        """Refresh trusted metadata and return the release to install, if any; with
+        ``engines`` (a TensorRT device), its prebuilt engine where one matches.
 
         Raises:
             OtaError: metadata untrusted, expired, replayed, malformed; a descriptor that
@@ -218,25 +225,28 @@ class ChannelClient:
             raw = self._small_target(updater, variant.descriptor, MAX_DESCRIPTOR_BYTES)
             descriptor = parse(ModelDescriptor, raw, f"descriptor {variant.descriptor}")
             self._cross_check(release, variant_target, variant, descriptor)
-            model_target = updater.get_targetinfo(descriptor.file.path)
+            chosen, file_format = file_for(descriptor, engines)
+            model_target = updater.get_targetinfo(chosen.path)
         except Exception as exc:
             raise classify(exc) from None
         if model_target is None:
-            raise OtaError("missing", f"{descriptor.file.path} is not in the signed metadata")
+            raise OtaError("missing", f"{chosen.path} is not in the signed metadata")
         if model_target.length > self.config.max_model_bytes:
             raise OtaError(
                 "oversized",
-                f"{descriptor.file.path} is {model_target.length} bytes; "
+                f"{chosen.path} is {model_target.length} bytes; "
                 f"ota.max_model_bytes is {self.config.max_model_bytes}",
             )
         if (
-            model_target.length != descriptor.file.length
-            or model_target.hashes.get("sha256") != descriptor.file.sha256
+            model_target.length != chosen.length
+            or model_target.hashes.get("sha256") != chosen.sha256
         ):
             raise OtaError(
                 "bad_metadata", f"descriptor of {release.version} disagrees with its signed target"
             )
-        return Offer(release, variant_target, variant, descriptor, raw, model_target)
+        return Offer(
+            release, variant_target, variant, descriptor, raw, model_target, chosen, file_format
+        )
 
     @staticmethod
     def _cross_check(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import OtaConfig
-from agent.updates.descriptor import ModelDescriptor, parse
+from agent.updates.descriptor import EngineEnvironment, ModelDescriptor, parse
 from agent.updates.live_model import LiveModel, ManagerError, with_identity
 from agent.updates.model_store import SlotRecord, StoreError, StoreState
 from agent.updates.ota import ChannelClient, Offer, OtaError
@@ -40,8 +40,16 @@ def compatibility_problems(descriptor: ModelDescriptor, backend: Backend) -> lis
 class UpdateFlow:
     """Brings a newer model as far as "self-tested, ready"; the live model takes it from there."""
 
-    def __init__(self, ota: OtaConfig, client: ChannelClient, live: LiveModel, target: str) -> None:
+    def __init__(
+        self,
+        ota: OtaConfig,
+        client: ChannelClient,
+        live: LiveModel,
+        target: str,
+        engines: EngineEnvironment | None = None,
+    ) -> None:
         self.ota = ota
+        self.engines = engines
         self.client = client
         self.live = live
         self.store = live.store
@@ -72,6 +80,7 @@ class UpdateFlow:
                 active_version,
                 state.pinned,
                 state.rejected,
+                self.engines,
             )
         except OtaError as exc:
             return self._failed(exc)
@@ -141,7 +150,7 @@ class UpdateFlow:
             length=info.length,
             target=offer.target,
         )
-        suffix = Path(offer.descriptor.file.path).suffix or ".bin"
+        suffix = Path(offer.file.path).suffix or ".bin"
         try:
             with self.live.lock, self.store.locked():
                 staged = self.store.stage(partial, f"model{suffix}", offer.descriptor_bytes, record)

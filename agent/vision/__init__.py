@@ -7,6 +7,8 @@ This wing imports only ``agent.config`` and ``agent.errors``: it knows nothing o
 from agent.vision.annotate import annotate
 from agent.vision.backends import Backend, BackendInfo, available_backends, load_backend
 from agent.vision.backends.base import file_digest
+from agent.vision.backends.engine_cache import local_environment as local_engine_environment
+from agent.vision.backends.engine_cache import subscribe as on_engine_builds
 from agent.vision.pipeline import ActiveModel, Pipeline
 from agent.vision.postprocess import (
     Detection,
@@ -47,8 +49,10 @@ __all__ = [
     "detect_image",
     "file_digest",
     "load_backend",
+    "local_engine_environment",
     "merge_split_head",
     "npu_input",
+    "on_engine_builds",
     "open_source",
     "resolve_classes",
 ]

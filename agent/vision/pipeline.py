@@ -344,6 +344,9 @@ class Pipeline:
             self.stats.inference_failures = 0  # a success ends a failure streak
             self.stats.latency["inference"].add(elapsed)
             job.latency_ms["inference"] = elapsed
+            device_ms = getattr(job.model, "last_device_ms", None)  # CUDA events (tensorrt)
+            if device_ms is not None:
+                self.stats.add_device_time(device_ms)
             self._to_postprocess.put(job)
         self._to_postprocess.put(_END)
 

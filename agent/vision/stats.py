@@ -92,6 +92,15 @@ class PipelineStats:
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
 
+    def add_device_time(self, millis: float) -> None:
+        """Inference as the accelerator timed it (CUDA events), beside the wall time the
+        ``inference`` stage measures around the call; only backends that report it have it."""
+        with self._lock:
+            window = self.latency.get("inference_device")
+            if window is None:
+                window = self.latency["inference_device"] = LatencyWindow(self._window)
+        window.add(millis)
+
     def mark_out(self, now: float) -> None:
         with self._lock:
             self.frames_out += 1
@@ -119,5 +128,5 @@ class PipelineStats:
         return {
             **counters,
             "fps_out": self.throughput_fps(),
-            "latency_ms": {stage: w.percentiles() for stage, w in self.latency.items()},
+            "latency_ms": {stage: w.percentiles() for stage, w in list(self.latency.items())},
         }

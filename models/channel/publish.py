@@ -49,6 +49,7 @@ from agent.updates.descriptor import (
 )
 from agent.versions import check_semver
 from agent.vision.backends.base import BackendInfo
+from agent.vision.backends.engine_cache import gpu_slug
 from models.channel.keys import ONLINE_ROLES, key_path, load_signer
 from models.errors import FactoryError
 
@@ -261,10 +262,13 @@ def publish(
     min_agent_version: str = __version__,
     info: BackendInfo | None = None,
     gate: dict[str, Any] | None = None,
+    engines: list[tuple[Path, dict[str, Any]]] | None = None,
 ) -> Publication:
     """Add ``model`` as ``target`` of release ``name`` ``version``; sign and write.
 
-    ``info`` describes a non-ONNX file (an engine) by the ONNX it was built from.
+    ``info`` describes a non-ONNX file (an engine) by the ONNX it was built from. ``engines``
+    are TensorRT engines prebuilt from the ONNX ``model`` (each with its ``build-engine``
+    record): devices whose TensorRT and GPU match one take it; others take the ONNX.
 
     Raises:
         FactoryError: a bad version or target, a variant already published with other bytes,
@@ -308,6 +312,26 @@ def publish(
         "published": _now().isoformat(),
         "gate": gate,
     }
+    prebuilt = []
+    for engine, record in engines or []:
+        slug = gpu_slug(record["gpu"], record["compute_capability"], record["tensorrt"])
+        engine_bytes = engine.read_bytes()
+        entry = {
+            "file": {
+                "path": f"{folder}/engine-{slug}.engine",
+                "length": len(engine_bytes),
+                "sha256": hashlib.sha256(engine_bytes).hexdigest(),
+            },
+            "tensorrt": record["tensorrt"],
+            "gpu": record["gpu"],
+            "compute_capability": record["compute_capability"],
+            "precision": record.get("precision", info.precision),
+        }
+        prebuilt.append((entry, engine_bytes))
+    if prebuilt:
+        if fmt != "onnx":
+            raise FactoryError("prebuilt engines ship beside the ONNX they came from: --model ONNX")
+        descriptor["engines"] = [entry for entry, _ in prebuilt]
     raw_descriptor = json.dumps(descriptor, indent=1).encode()
     try:
         parse(ModelDescriptor, raw_descriptor, "descriptor")  # what devices will check
@@ -326,6 +350,8 @@ def publish(
                 )
         descriptor_path = f"{folder}/descriptor.json"
         repo.add_target(model_path, data)
+        for entry, engine_bytes in prebuilt:
+            repo.add_target(entry["file"]["path"], engine_bytes)
         repo.add_target(descriptor_path, raw_descriptor)
         variant = Variant(descriptor=descriptor_path, model_length=len(data))
         if release is None:

@@ -79,6 +79,7 @@ BACKEND_MODULES: dict[str, str] = {
     "onnxruntime": "agent.vision.backends.onnxruntime",
     "openvino": "agent.vision.backends.openvino",
     "rknn": "agent.vision.backends.rknn",
+    "tensorrt": "agent.vision.backends.tensorrt",
 }
 _LOADERS: dict[str, Loader] = {}
 

@@ -61,6 +61,8 @@ def _from_sidecar(data: dict[str, Any]) -> ModelRecord:
 def _from_descriptor(data: dict[str, Any]) -> ModelRecord:
     names = {int(k): str(v) for k, v in data["class_names"].items()}
     metadata = {"model_name": str(data["name"]), "model_version": str(data["version"])}
+    if data.get("precision"):
+        metadata["precision"] = str(data["precision"])
     return ModelRecord(
         names=names,
         imgsz=(int(data["input"]["height"]), int(data["input"]["width"])),
