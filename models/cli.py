@@ -415,6 +415,51 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _in_train_env(args: argparse.Namespace) -> int | None:
+    """None where torch is importable here; else the exit code of this command re-run in the
+    training environment."""
+    from models.optimize.environment import has_toolchain, run_there
+
+    return None if has_toolchain() else run_there(args.argv)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from models.optimize.checks import check_ratio, check_schedule
+
+    check_ratio(args.ratio)  # before anything heavy, here or there
+    check_schedule(args.steps, args.stages, args.round_to)
+    elsewhere = _in_train_env(args)
+    if elsewhere is not None:
+        return elsewhere
+    from models.optimize.recovery import prune_model
+
+    record = prune_model(args.model, args.out, args.ratio, args.frames, args.steps, args.round_to,
+                         args.stages, args.size, args.data, args.overwrite)  # fmt: skip
+    params0, params1 = record["params"]
+    print(
+        f"wrote {args.out}: {params0 / 1e6:.2f} M -> {params1 / 1e6:.2f} M parameters, MACs "
+        f"{record['macs_ratio']:.1%} of the source's; {record['steps']} recovery step(s), loss "
+        f"{record['loss'][0] if record['loss'] else '-'} -> "
+        f"{record['loss'][1] if record['loss'] else '-'}"
+    )
+    return EXIT_OK
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise FactoryError("--steps must be >= 1")
+    elsewhere = _in_train_env(args)
+    if elsewhere is not None:
+        return elsewhere
+    from models.optimize.recovery import distill_model
+
+    record = distill_model(args.teacher, args.student, args.out, args.frames, args.steps,
+                           args.size, args.data, args.overwrite)  # fmt: skip
+    print(f"wrote {args.out}: {record['steps']} step(s), loss {record['loss'][0]} -> "
+          f"{record['loss'][1]} ({record['seconds']} s)")  # fmt: skip
+    return EXIT_OK
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     from models.channel import refresh
 
@@ -435,6 +480,17 @@ def _target_arguments(parser: argparse.ArgumentParser) -> None:
         help="a target whose kernels cannot run here: judge the model's float semantics "
         "instead (recorded in the descriptor)",
     )
+
+
+def _recovery_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--frames", type=Path, required=True, help="unlabelled images to learn from"
+    )
+    parser.add_argument("--steps", type=int, default=200, help="distillation steps (200)")
+    parser.add_argument("--size", type=int, default=320, help="training input size (320)")
+    parser.add_argument("--data", type=Path, help="the evaluation set: frames in it are refused")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -652,6 +708,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workspace-mb", type=int, default=1024)
     b.set_defaults(func=cmd_build_engine)
 
+    pr = sub.add_parser(
+        "prune",
+        help="structured (DepGraph) pruning with sensitivity analysis and distillation recovery",
+        description="Prunes channels by dependency groups (torch-pruning), less in the blocks "
+        "that hurt most, in --stages steps each followed by distillation from the unpruned model "
+        "on unlabelled --frames. Runs in the training environment (scripts/setup-train.sh).",
+    )
+    pr.add_argument("--model", type=Path, required=True, help="float YOLOv8 ONNX")
+    pr.add_argument("--ratio", type=float, required=True, help="share of channels to remove (0.3)")
+    pr.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of N")
+    _recovery_arguments(pr)
+    pr.add_argument("--stages", type=int, default=3, help="prune in this many steps (3)")
+    pr.set_defaults(func=cmd_prune)
+
+    di = sub.add_parser("distill", help="distil a teacher into a student of the same head")
+    di.add_argument("--teacher", type=Path, required=True)
+    di.add_argument("--student", type=Path, required=True)
+    _recovery_arguments(di)
+    di.set_defaults(func=cmd_distill)
+
     f = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
     f.add_argument("--channel", type=Path, required=True)
     f.add_argument("--keys", type=Path, required=True)
@@ -660,7 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

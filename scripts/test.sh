@@ -10,8 +10,19 @@ fi
 bash "$ROOT/scripts/setup-aarch64.sh" >/dev/null
 # the RK3588 conversion environment (rknn-toolkit2 and its simulator), cached
 bash "$ROOT/scripts/setup-rknn.sh" >/dev/null
+# the training environment (torch, torch-pruning, onnx2torch: edge-models prune / distill), cached
+TRAIN_PYTHON="$(bash "$ROOT/scripts/setup-train.sh")"
 log "ruff"
 ruff check .
 ruff format --check . >/dev/null
+if [ $# -gt 0 ]; then
+  log "pytest $*"
+  exec python -m pytest "$@"
+fi
+# everything: the suite in the project's environment, then tests/train in torch's
+status=0
 log "pytest"
-exec python -m pytest "$@"
+python -m pytest || status=$?
+log "pytest tests/train (training environment: $TRAIN_PYTHON)"
+PYTHONPATH="$ROOT" "$TRAIN_PYTHON" -m pytest tests/train || status=$?
+exit "$status"

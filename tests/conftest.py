@@ -253,3 +253,14 @@ def channel(tmp_path):
     from tests.ota_helpers import new_channel
 
     return new_channel(tmp_path / "ota")
+
+
+def pytest_report_header(config) -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        return None
+    return (
+        "tests/train (pruning, distillation: torch) is not collected here; it runs in the "
+        "training environment: bash scripts/test.sh runs both"
+    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import onnx
 
 from agent.vision import Preprocessor, merge_split_head
 from models.convert.split_head import cut_at_head
+from models.environments import cached_python
 from models.errors import FactoryError
 
 PLATFORM = "rk3588"
@@ -42,17 +42,7 @@ def toolkit_python() -> Path:
     Raises:
         FactoryError: no conversion environment (says how to make one).
     """
-    explicit = os.environ.get(ENV_VAR)
-    key = hashlib.sha256(RKNN_PINS.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    python = Path(explicit) if explicit else cache / "edge-agent" / f"rknn-{key}" / "bin" / "python"
-    if not python.exists():
-        raise FactoryError(
-            f"the RKNN conversion environment is missing ({python} not found): run "
-            "`bash scripts/setup-rknn.sh` (rknn-toolkit2 in its own virtualenv) or set "
-            f"{ENV_VAR} to a Python that has {RKNN_PINS}"
-        )
-    return python
+    return cached_python("rknn", RKNN_PINS, ENV_VAR, "scripts/setup-rknn.sh", "RKNN conversion")
 
 
 def images_in(folder: Path) -> list[Path]:

@@ -1,0 +1,117 @@
+"""Distillation on raw head outputs: the student learns the teacher's DFL bins and class scores.
+
+Labels are not needed: the teacher (the unpruned float model) says what each anchor should give.
+Box branches: KL divergence between the teacher's and the student's 16-bin distance
+distributions per side. Class branches: binary cross-entropy against the teacher's probabilities
+less the teacher's own entropy (a Bernoulli KL divergence), so the loss is 0 when the student
+computes what the teacher does. Both are weighted by the teacher's confidence at the anchor (its
+best class score, with a small floor so the student still learns to stay quiet on background),
+because almost all of 8400 anchors are background and would otherwise drown the few that carry
+objects."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.optimize.torch_model import Detector, head_maps
+
+BINS = 16
+BACKGROUND_WEIGHT = 0.05
+
+
+def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """The loss between two lists of six head maps (box, class per level)."""
+    total = student[0].new_zeros(())
+    for level in range(0, 6, 2):
+        s_box, s_cls = student[level], student[level + 1]
+        t_box, t_cls = teacher[level].detach(), teacher[level + 1].detach()
+        n, _, h, w = t_box.shape
+        t_prob = torch.sigmoid(t_cls)
+        weight = t_prob.amax(dim=1).clamp(min=BACKGROUND_WEIGHT)  # [N, H, W]
+        t_bins = F.softmax(t_box.view(n, 4, BINS, h, w), dim=2)
+        s_log = F.log_softmax(s_box.view(n, 4, BINS, h, w), dim=2)
+        kl = (t_bins * (torch.log(t_bins.clamp(min=1e-9)) - s_log)).sum(dim=2).mean(dim=1)
+        bce = F.binary_cross_entropy_with_logits(s_cls, t_prob, reduction="none")
+        entropy = F.binary_cross_entropy(t_prob, t_prob, reduction="none")
+        bernoulli_kl = (bce - entropy).mean(dim=1)  # 0 when the student's scores are the teacher's
+        total = total + ((kl + bernoulli_kl) * weight).sum() / weight.sum()
+    return total / 3
+
+
+@dataclass
+class Recovery:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def first(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def last(self) -> float | None:
+        return float(np.mean(self.losses[-5:])) if self.losses else None
+
+
+def distil(
+    student: Detector,
+    teacher: Detector,
+    frames: np.ndarray,
+    steps: int,
+    batch: int = 4,
+    lr: float = 1e-4,
+    imgsz: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> Recovery:
+    """``steps`` of distillation from ``teacher`` into ``student`` on ``frames`` ([N,3,H,W],
+    letterboxed, 0..1), at ``imgsz`` (default: the frames' own size; lower is faster on CPU, the
+    raw maps work at any size). Random horizontal flips; Adam; the student's parameters only."""
+    generator = random.Random(seed)
+    torch.manual_seed(seed)
+    images = torch.from_numpy(frames)
+    if imgsz is not None and imgsz != images.shape[-1]:
+        images = F.interpolate(images, size=(imgsz, imgsz), mode="bilinear", align_corners=False)
+    trainable = [p for p in student.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    student.module.train()
+    teacher.module.eval()
+    record = Recovery(steps)
+    started = time.monotonic()
+    for step in range(steps):
+        picks = [generator.randrange(len(images)) for _ in range(min(batch, len(images)))]
+        x = images[picks]
+        if generator.random() < 0.5:
+            x = torch.flip(x, dims=[3])
+        with torch.no_grad():
+            target = head_maps(teacher.module(x))
+        loss = distillation_loss(head_maps(student.module(x)), target)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the distillation loss is {value} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        record.losses.append(value)
+        if progress is not None:
+            progress(step + 1, value)
+    record.seconds = time.monotonic() - started
+    student.module.eval()
+    return record
+
+
+def evaluate_loss(student: Detector, teacher: Detector, frames: np.ndarray) -> float:
+    """The distillation loss on ``frames`` without training: how far the student has strayed."""
+    x = torch.from_numpy(frames)
+    student.module.eval()
+    teacher.module.eval()
+    with torch.no_grad():
+        return float(distillation_loss(head_maps(student.module(x)), head_maps(teacher.module(x))))

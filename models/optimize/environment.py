@@ -1,0 +1,38 @@
+"""Where the training toolchain runs: here if torch is importable, else its cached virtualenv.
+
+``edge-models prune`` and ``distill`` are the same commands everywhere; when the factory's own
+environment has no torch (the usual case: the agent and the factory stay small), the command
+re-runs itself with the training environment's Python (``scripts/setup-train.sh``, or
+``EDGE_MODELS_TRAIN_PYTHON``), from this checkout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from models.environments import cached_python
+
+TRAIN_PINS = "torch==2.14.1 torchvision==0.29.1 torch-pruning==1.6.1 onnx2torch==1.5.15"
+ENV_VAR = "EDGE_MODELS_TRAIN_PYTHON"
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def has_toolchain() -> bool:
+    return all(importlib.util.find_spec(m) for m in ("torch", "torch_pruning", "onnx2torch"))
+
+
+def train_python() -> Path:
+    """Raises FactoryError (with the script that makes it) when the environment is missing."""
+    return cached_python("train", TRAIN_PINS, ENV_VAR, "scripts/setup-train.sh", "training")
+
+
+def run_there(argv: Sequence[str]) -> int:
+    """``edge-models argv`` in the training environment; its output is this command's."""
+    python = train_python()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    return subprocess.run([str(python), "-m", "models.cli", *argv], env=env).returncode

@@ -1,0 +1,149 @@
+"""Pruning and distillation from the factory's side: the graph rewrites (exact, plain onnx), the
+frames' hygiene, and `edge-models prune` / `distill` end to end, which re-run themselves in the
+training environment (torch lives only there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from agent.errors import ModelError
+from models.errors import FactoryError
+from models.optimize.frames import frame_paths, refuse_overlap
+from models.optimize.graph import HEAD_NAMES, attach_decode, prepare
+from tests import models_for_tests
+from tests.conftest import ROOT
+from tests.test_publish import models_cli
+
+
+@pytest.fixture(scope="session")
+def train_python():
+    """torch's own environment; fails (never skips) when scripts/setup-train.sh has not made it."""
+    from models.optimize.environment import train_python
+
+    try:
+        return train_python()
+    except FactoryError as exc:
+        pytest.fail(f"this test needs the training environment: {exc}", pytrace=False)
+
+
+def run(model_path, x):
+    session = ort.InferenceSession(
+        model_path if isinstance(model_path, bytes) else str(model_path),
+        providers=["CPUExecutionProvider"],
+    )
+    return session.run(None, {"images": x})
+
+
+def test_the_rewritten_graph_computes_exactly_what_the_source_does(fp32_model):
+    source = onnx.load(str(fp32_model))
+    prepared = prepare(source)
+    assert prepared.split_convs == 8  # one per C2f
+    assert [n.name for n in prepared.model.graph.node if n.name in HEAD_NAMES] == HEAD_NAMES
+    x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
+    expected = run(fp32_model, x)[0]
+    assert np.array_equal(run(prepared.model.SerializeToString(), x)[0], expected)
+    maps = run(prepared.body.SerializeToString(), x)
+    assert [m.shape[1] for m in maps] == [64, 80] * 3
+    again = attach_decode(prepared.body, prepared)  # the decode grafted back on the body
+    assert np.array_equal(run(again.SerializeToString(), x)[0], expected)
+
+
+def test_a_model_without_a_yolov8_head_is_not_rewritten(tmp_path):
+    tiny = onnx.load(str(models_for_tests.tiny_detector(tmp_path / "tiny.onnx")))
+    with pytest.raises(ModelError, match="head"):
+        prepare(tiny)
+
+
+def test_frames_that_are_evaluation_images_are_refused_even_renamed(shared, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(shared / "images" / "bus.jpg", frames / "a.jpg")
+    evaluation = sorted((shared / "datasets" / "coco8" / "images").rglob("*.jpg"))
+    refuse_overlap(frame_paths(frames), evaluation)  # no overlap: fine
+    shutil.copy(evaluation[0], frames / "renamed.jpg")
+    with pytest.raises(FactoryError, match=r"renamed\.jpg is the evaluation image"):
+        refuse_overlap(frame_paths(frames), evaluation)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FactoryError, match="holds no images"):
+        frame_paths(empty)
+
+
+def one_line_error(result, says):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert says in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("ratio", ["0", "0.95", "-0.1"])
+def test_a_ratio_out_of_range_is_refused_before_anything_runs(ratio, fp32_model, shared, tmp_path):
+    out = tmp_path / "p.onnx"
+    result = models_cli("prune", "--model", fp32_model, "--ratio", ratio,
+                        "--frames", shared / "images", "--out", out)  # fmt: skip
+    one_line_error(result, "is out of range: 0 < ratio < 0.9")
+    assert not out.exists()
+
+
+def test_a_missing_training_environment_is_one_line(fp32_model, shared, tmp_path):
+    out = tmp_path / "p.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "models.cli", "prune", "--model", str(fp32_model), "--ratio", "0.3",
+         "--frames", str(shared / "images"), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "EDGE_MODELS_TRAIN_PYTHON": str(tmp_path / "no" / "python")},
+    )  # fmt: skip
+    one_line_error(result, "the training environment is missing")
+    assert "setup-train.sh" in result.stderr and not out.exists()
+
+
+def test_prune_then_distill_end_to_end(train_python, fp32_model, shared, tmp_path):
+    pruned, distilled = tmp_path / "pruned.onnx", tmp_path / "distilled.onnx"
+    coco8 = shared / "datasets" / "coco8"
+    result = models_cli(
+        "prune", "--model", fp32_model, "--ratio", "0.3", "--frames", shared / "images",
+        "--data", coco8, "--steps", "4", "--stages", "2", "--out", pruned,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "sensitivity of each block" in result.stderr and "stage 2/2" in result.stderr
+    record = json.loads({p.key: p.value for p in onnx.load(str(pruned)).metadata_props}["pruning"])
+    assert record["params"][1] < 0.6 * record["params"][0] and record["steps"] == 4
+    assert set(record["sensitivity"]) >= {"model.2", "model.3", "model.21"}
+    assert record["block_ratios"]["model.2"] < 0.3  # the most sensitive block is spared
+    assert run(pruned, np.zeros((1, 3, 640, 640), np.float32))[0].shape == (1, 84, 8400)
+    result = models_cli(
+        "distill", "--teacher", fp32_model, "--student", pruned, "--frames", shared / "images",
+        "--steps", "3", "--out", distilled,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "distillation" in {p.key for p in onnx.load(str(distilled)).metadata_props}
+
+
+def test_bad_recovery_input_is_one_line_and_writes_nothing(train_python, fp32_model, shared,
+                                                           tmp_path):  # fmt: skip
+    out = tmp_path / "out" / "p.onnx"
+    out.parent.mkdir()
+    tiny = models_for_tests.tiny_detector(tmp_path / "tiny.onnx")
+    overlap = tmp_path / "frames"
+    overlap.mkdir()
+    coco8 = shared / "datasets" / "coco8"
+    shutil.copy(sorted((coco8 / "images").rglob("*.jpg"))[0], overlap / "mine.jpg")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--model", tiny, "--frames", shared / "images"], "is not a YOLOv8 detect model"),
+        (["--model", fp32_model, "--frames", empty], "holds no images"),
+        (["--model", fp32_model, "--frames", overlap, "--data", coco8], "is the evaluation image"),
+    ]
+    for arguments, says in cases:
+        result = models_cli("prune", "--ratio", "0.3", "--steps", "1", "--out", out, *arguments)
+        one_line_error(result, says)
+        assert not list(out.parent.iterdir())

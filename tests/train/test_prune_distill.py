@@ -1,0 +1,106 @@
+"""DepGraph pruning and distillation on the real YOLOv8n, in torch and back in ONNX Runtime."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from agent.config import ModelConfig
+from agent.vision import load_backend, merge_split_head
+from models.optimize.distill import distil, evaluate_loss
+from models.optimize.frames import frame_paths, load_frames
+from models.optimize.prune import block_ratios, prune_groups, pruner_for, zero_group
+from models.optimize.torch_model import count, export, load_detector
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def teacher(fp32_model):
+    return load_detector(fp32_model)
+
+
+@pytest.fixture(scope="module")
+def frames(shared):
+    return load_frames(frame_paths(shared / "images"), (320, 320))
+
+
+def image(seed=0, size=640):
+    return np.random.default_rng(seed).random((1, 3, size, size), dtype=np.float32)
+
+
+def test_the_converted_model_computes_what_onnxruntime_does(teacher, fp32_model):
+    x = image()
+    with torch.no_grad():
+        maps = [m.numpy() for m in teacher.module.eval()(torch.from_numpy(x))]
+    expected = ort.InferenceSession(str(fp32_model), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x}
+    )[0]
+    merged = merge_split_head(maps)
+    assert np.abs(merged[0, :4] - expected[0, :4]).max() < 0.01  # px
+    assert np.abs(merged[0, 4:] - expected[0, 4:]).max() < 1e-4
+
+
+def test_removing_channels_equals_switching_them_off(teacher):
+    """The dependency graph is exact: every group removed from the pruned model is zeroed in a
+    copy of the unpruned one, and both compute the same maps."""
+    student = copy.deepcopy(teacher)
+    zeroed = copy.deepcopy(teacher)
+    pruner = pruner_for(student, {}, 0.3, 8, 1)
+    by_name = dict(zeroed.module.named_modules())
+    names = {id(m): n for n, m in student.module.named_modules()}
+    groups = 0
+    for group in prune_groups(pruner):
+        zero_group(group, by_name, names)
+        groups += 1
+    assert groups > 20
+    x = torch.from_numpy(image(1, 320))
+    with torch.no_grad():
+        pruned = student.module.eval()(x)
+        switched_off = zeroed.module.eval()(x)
+    for a, b in zip(pruned, switched_off, strict=True):
+        assert torch.abs(a - b).max() < 1e-3
+    (_, before), (_, after) = count(teacher), count(student)
+    assert after < 0.6 * before
+
+
+def test_a_pruned_model_exports_to_onnx_with_its_record_and_runs_like_torch(
+    teacher, frames, tmp_path
+):
+    student = copy.deepcopy(teacher)
+    pruner = pruner_for(student, block_ratios(0.3, {"model.2": 2.0, "model.9": 0.5}), 0.3, 8, 1)
+    for _ in prune_groups(pruner):
+        pass
+    out = tmp_path / "pruned.onnx"
+    export(student, out, {"pruning": {"ratio": 0.3}})
+    x = image(2)
+    with torch.no_grad():
+        maps = [m.numpy() for m in student.module.eval()(torch.from_numpy(x))]
+    exported = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x}
+    )[0]
+    expected = merge_split_head(maps)
+    assert exported.shape == (1, 84, 8400)
+    assert np.abs(exported[0, :4] - expected[0, :4]).max() < 0.01
+    assert np.abs(exported[0, 4:] - expected[0, 4:]).max() < 1e-4
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(metadata["pruning"]) == {"ratio": 0.3} and "names" in metadata
+    backend = load_backend("onnxruntime", out, ModelConfig(path=out))  # the agent reads it
+    assert backend.info.num_classes == 80 and backend.info.imgsz == (640, 640)
+
+
+def test_twenty_distillation_steps_lower_the_loss(teacher, frames):
+    student = copy.deepcopy(teacher)
+    for _ in prune_groups(pruner_for(student, {}, 0.3, 8, 1)):
+        pass
+    before = evaluate_loss(student, teacher, frames)
+    recovery = distil(student, teacher, frames, 20, batch=2)
+    after = evaluate_loss(student, teacher, frames)
+    assert len(recovery.losses) == 20 and all(np.isfinite(recovery.losses))
+    assert after < 0.8 * before, (before, after)
