@@ -264,3 +264,14 @@ def pytest_report_header(config) -> str | None:
         "tests/train (pruning, distillation: torch) is not collected here; it runs in the "
         "training environment: bash scripts/test.sh runs both"
     )
+
+
+def run_agent_on_backend(tmp_path: Path, model: Path, video: Path, backend: str):
+    """`edge-agent run` for two frames with ``model.backend`` set: the refusal paths' check."""
+    import yaml
+
+    config = agent_config(tmp_path, model, {"uri": str(video)})
+    data = yaml.safe_load(config.read_text())
+    data["model"]["backend"] = backend
+    config.write_text(yaml.safe_dump(data))
+    return run_cli("run", "-c", str(config), "--frames", "2")

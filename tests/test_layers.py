@@ -15,6 +15,7 @@ BASE = {
     "agent.config",
     "agent.errors",
     "agent.failpoints",
+    "agent.files",
     "agent.targets",
     "agent.versions",
 }

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import build_config
+from agent.files import write_atomic
 from agent.updates.model_manager import ModelManager
-from agent.updates.model_store import ModelStore, Probation, SlotRecord, StoreError, write_atomic
+from agent.updates.model_store import ModelStore, Probation, SlotRecord, StoreError
 from agent.vision.backends import load_backend
 from agent.vision.backends.base import file_digest
 

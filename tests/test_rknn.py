@@ -14,14 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import yaml
 
 from agent.config import ModelConfig
 from agent.errors import BackendUnavailable, ModelError
 from agent.vision import Preprocessor, load_backend, merge_split_head, npu_input
 from models.convert.split_head import cut_at_head, head_maps
 from tests import models_for_tests
-from tests.conftest import agent_config, run_cli
+from tests.conftest import run_agent_on_backend
 from tests.test_detection_reference import detect
 from tests.test_publish import models_cli
 
@@ -185,11 +184,7 @@ def test_an_rknn_model_without_the_npu_runtime_is_refused_cleanly(tmp_path, bus_
     model.write_bytes(b"RKNN" + bytes(64))
     with pytest.raises(BackendUnavailable, match=r"'rknn' is not installed here: .*rknnlite"):
         load_backend("rknn", model, ModelConfig(path=model, backend="rknn"))
-    config = agent_config(tmp_path, model, {"uri": str(bus_video)})
-    data = yaml.safe_load(config.read_text())
-    data["model"]["backend"] = "rknn"
-    config.write_text(yaml.safe_dump(data))
-    result = run_cli("run", "-c", str(config), "--frames", "2")
+    result = run_agent_on_backend(tmp_path, model, bus_video, "rknn")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "backend 'rknn' is not installed here" in result.stderr
 

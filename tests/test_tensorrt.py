@@ -22,7 +22,7 @@ from agent.vision.backends.engine_cache import (
     EngineKey,
     resolve_precision,
 )
-from tests.conftest import agent_config, run_cli
+from tests.conftest import agent_config, run_agent_on_backend, run_cli
 
 
 def key(**changes) -> EngineKey:
@@ -179,11 +179,7 @@ def test_the_tensorrt_backend_refuses_cleanly_where_tensorrt_is_not_installed(
 ):
     with pytest.raises(BackendUnavailable, match=r"'tensorrt' is not installed here: .*tensorrt"):
         load_backend("tensorrt", fp32_model, ModelConfig(path=fp32_model, backend="tensorrt"))
-    config = agent_config(tmp_path, fp32_model, {"uri": str(bus_video)})
-    data = yaml.safe_load(config.read_text())
-    data["model"]["backend"] = "tensorrt"
-    config.write_text(yaml.safe_dump(data))
-    result = run_cli("run", "-c", str(config), "--frames", "2")
+    result = run_agent_on_backend(tmp_path, fp32_model, bus_video, "tensorrt")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "backend 'tensorrt' is not installed here" in result.stderr
 

@@ -22,10 +22,11 @@ from typing import Any
 
 from agent import targets
 from agent.config import AgentConfig
+from agent.files import write_atomic
 from agent.updates import startup
 from agent.updates.descriptor import EngineEnvironment
 from agent.updates.live_model import LiveModel, ManagerError
-from agent.updates.model_store import ModelStore, SlotRecord, StoreError, StoreState, write_atomic
+from agent.updates.model_store import ModelStore, SlotRecord, StoreError, StoreState
 from agent.updates.ota import ChannelClient, OtaError, announce_delay, poll_delay
 from agent.updates.update_flow import UpdateFlow
 from agent.vision import Backend, ModelStats, local_engine_environment

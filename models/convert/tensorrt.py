@@ -36,9 +36,10 @@ def build(model: Path, out: Path, precision: str = "auto", workspace_mb: int = 1
             "the ONNX alone and let each device build its own engine"
         ) from None
     from agent.errors import AgentError
+    from agent.files import write_atomic
     from agent.vision.backends.base import parse_imgsz
     from agent.vision.backends.cuda_memory import open_device
-    from agent.vision.backends.engine_cache import resolve_precision, write_atomic
+    from agent.vision.backends.engine_cache import resolve_precision
 
     try:
         metadata, quantized = backend.onnx_metadata(model)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ModelError
+from agent.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +241,3 @@ class EngineCache:
             engine.with_suffix(".json").unlink(missing_ok=True)
             dropped.append(engine)
         return dropped
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(path)

@@ -23,6 +23,7 @@ import numpy as np
 import tensorrt as trt
 
 from agent.errors import BackendUnavailable, ModelError
+from agent.files import write_atomic
 from agent.vision.backends.base import (
     BackendInfo,
     file_digest,
@@ -38,7 +39,6 @@ from agent.vision.backends.engine_cache import (
     EngineKey,
     notify,
     resolve_precision,
-    write_atomic,
 )
 from agent.vision.backends.model_record import read_record
 
