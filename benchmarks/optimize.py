@@ -1,0 +1,90 @@
+"""Model optimisation, before and after, in one run (long: not in CI).
+
+Rows: the shared fp32 model; PTQ (this machine's INT8 recipe); prune + distill (`edge-models
+prune`, 30 % at --round-to 8, --steps of recovery); prune + distill + PTQ; QAT (not built yet:
+listed as such). Recovery frames are made only from ../shared/images (bus.jpg, zidane.jpg,
+multiplied into varied crops by `calibration-set`), never from coco8, which is evaluation only;
+`prune --data coco8` checks that. Each row: size, parameters, latency ratio to fp32 and FPS
+(interleaved on this CPU), mAP50-95 and mAP50 on coco8, agreement with fp32.
+
+Goals on this CPU: prune + distill + INT8 <= 0.4 x fp32 latency; its mAP50-95 drop as small as
+the recovery budget allows, stated with the steps and the hardware.
+
+Usage: python benchmarks/optimize.py [--steps 300] [--ratio 0.3] [--rounds 40] [--report DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import shared_dir_or_exit
+
+from agent.demo import DEMO_MODEL
+from agent.targets import detect
+from models.calibration import synthesise
+from models.datasets import load_dataset
+from models.evaluate import evaluate
+from models.quantize import quantize
+from models.recipes import recipe
+from models.report import table, write_report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--shared", type=Path)
+    parser.add_argument("--steps", type=int, default=300, help="recovery steps (300)")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--report", type=Path, help="also write report.md/json/png here")
+    args = parser.parse_args()
+    shared = shared_dir_or_exit(args.shared)
+    fp32 = shared / DEMO_MODEL
+    coco8 = shared / "datasets" / "coco8"
+    host = detect()
+    photos = [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"]
+    with tempfile.TemporaryDirectory(prefix="edge-optimize-") as tmp:
+        work = Path(tmp)
+        synthesise(photos, work / "calib", 16)
+        synthesise(photos, work / "frames", 64)  # recovery frames: never coco8
+        ptq = work / "ptq.onnx"
+        quantize(fp32, work / "calib", ptq, recipe(host.target), progress=False, target=host.target)
+        pruned = work / "pruned.onnx"
+        done = subprocess.run(
+            [sys.executable, "-m", "models.cli", "prune", "--model", str(fp32), "--ratio",
+             str(args.ratio), "--frames", str(work / "frames"), "--data", str(coco8), "--steps",
+             str(args.steps), "--out", str(pruned)],
+            text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            return done.returncode
+        pruned_ptq = work / "pruned-ptq.onnx"
+        quantize(pruned, work / "calib", pruned_ptq, recipe(host.target), progress=False,
+                 target=host.target)  # fmt: skip
+        names = {fp32: "fp32", ptq: "PTQ", pruned: "prune+distill", pruned_ptq: "prune+distill+PTQ"}
+        models = list(names)
+        dataset = load_dataset(coco8)
+        results = evaluate(models, dataset, latency_rounds=args.rounds)
+        for result, path in zip(results, models, strict=True):
+            result.name = f"{names[path]} ({path.name})"
+        if args.report:
+            write_report(results, dataset, args.report, "")
+    print(table(results))
+    print("QAT: not built yet (issue 14)")
+    print(f"\nCPU: {host.describe()}; recovery: {args.steps} steps at 320 px on 128 frames made "
+          "from bus.jpg and zidane.jpg, on this CPU")  # fmt: skip
+    final = results[3]
+    ratio = final.latency_p50_ms / results[0].latency_p50_ms
+    drop = (results[0].map50_95 - final.map50_95) * 100
+    print(f"prune+distill+PTQ: latency {ratio:.3f} x fp32 (goal <= 0.4) "
+          f"{'PASS' if ratio <= 0.4 else 'MISS'}; mAP50-95 drop {drop:+.2f} points")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
