@@ -147,3 +147,28 @@ def test_bad_recovery_input_is_one_line_and_writes_nothing(train_python, fp32_mo
         result = models_cli("prune", "--ratio", "0.3", "--steps", "1", "--out", out, *arguments)
         one_line_error(result, says)
         assert not list(out.parent.iterdir())
+
+
+def test_ctrl_c_during_recovery_leaves_no_output(train_python, fp32_model, shared, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out" / "p.onnx"
+    out.parent.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "models.cli", "prune", "--model", str(fp32_model), "--ratio", "0.3",
+         "--frames", str(shared / "images"), "--steps", "100000", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # a terminal's Ctrl-C reaches the whole process group
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "stage 1/3" not in seen and time.monotonic() < deadline:
+        seen += process.stderr.read(1) if process.poll() is None else ""
+        if process.poll() is not None:
+            break
+    assert "stage 1/3" in seen, seen
+    os.killpg(process.pid, signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert not list(out.parent.iterdir())  # no model, no partial file
