@@ -1,11 +1,12 @@
 """Model optimisation, before and after, in one run (long: not in CI).
 
 Rows: the shared fp32 model; PTQ (this machine's INT8 recipe); prune + distill (`edge-models
-prune`, 30 % at --round-to 8, --steps of recovery); prune + distill + PTQ; QAT (not built yet:
-listed as such). Recovery frames are made only from ../shared/images (bus.jpg, zidane.jpg,
-multiplied into varied crops by `calibration-set`), never from coco8, which is evaluation only;
-`prune --data coco8` checks that. Each row: size, parameters, latency ratio to fp32 and FPS
-(interleaved on this CPU), mAP50-95 and mAP50 on coco8, agreement with fp32.
+prune`, 30 % at --round-to 8, --steps of recovery); prune + distill + PTQ; QAT (`edge-models qat`,
+--qat-steps of fake-quantized fine-tuning with distillation from fp32). Recovery frames are made
+only from ../shared/images (bus.jpg, zidane.jpg, multiplied into varied crops by
+`calibration-set`), never from coco8, which is evaluation only; `--data coco8` checks that. Each
+row: size, parameters, latency ratio to fp32 and FPS (interleaved on this CPU), mAP50-95 and
+mAP50 on coco8, agreement with fp32.
 
 Goals on this CPU: prune + distill + INT8 <= 0.4 x fp32 latency; its mAP50-95 drop as small as
 the recovery budget allows, stated with the steps and the hardware.
@@ -39,6 +40,7 @@ def main() -> int:
     )
     parser.add_argument("--shared", type=Path)
     parser.add_argument("--steps", type=int, default=300, help="recovery steps (300)")
+    parser.add_argument("--qat-steps", type=int, default=100, help="QAT steps (100)")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--report", type=Path, help="also write report.md/json/png here")
@@ -63,10 +65,20 @@ def main() -> int:
         )  # fmt: skip
         if done.returncode != 0:
             return done.returncode
+        qat = work / "qat.onnx"
+        done = subprocess.run(
+            [sys.executable, "-m", "models.cli", "qat", "--model", str(fp32), "--target",
+             host.target, "--frames", str(work / "frames"), "--data", str(coco8), "--steps",
+             str(args.qat_steps), "--out", str(qat)],
+            text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            return done.returncode
         pruned_ptq = work / "pruned-ptq.onnx"
         quantize(pruned, work / "calib", pruned_ptq, recipe(host.target), progress=False,
                  target=host.target)  # fmt: skip
-        names = {fp32: "fp32", ptq: "PTQ", pruned: "prune+distill", pruned_ptq: "prune+distill+PTQ"}
+        names = {fp32: "fp32", ptq: "PTQ", pruned: "prune+distill",
+                 pruned_ptq: "prune+distill+PTQ", qat: "QAT"}  # fmt: skip
         models = list(names)
         dataset = load_dataset(coco8)
         results = evaluate(models, dataset, latency_rounds=args.rounds)
@@ -75,9 +87,8 @@ def main() -> int:
         if args.report:
             write_report(results, dataset, args.report, "")
     print(table(results))
-    print("QAT: not built yet (issue 14)")
-    print(f"\nCPU: {host.describe()}; recovery: {args.steps} steps at 320 px on 128 frames made "
-          "from bus.jpg and zidane.jpg, on this CPU")  # fmt: skip
+    print(f"\nCPU: {host.describe()}; recovery: {args.steps} steps, QAT: {args.qat_steps} steps, "
+          "at 320 px on 128 frames made from bus.jpg and zidane.jpg, on this CPU")  # fmt: skip
     final = results[3]
     ratio = final.latency_p50_ms / results[0].latency_p50_ms
     drop = (results[0].map50_95 - final.map50_95) * 100

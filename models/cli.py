@@ -460,6 +460,27 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_qat(args: argparse.Namespace) -> int:
+    from models.kernels import known_target
+    from models.optimize.checks import check_schedule
+    from models.recipes import recipe
+
+    check_schedule(args.steps)
+    known_target(args.target)
+    recipe(args.target)  # a target the quantizer does not make (rk3588) is refused here
+    elsewhere = _in_train_env(args)
+    if elsewhere is not None:
+        return elsewhere
+    from models.optimize.recovery import qat_model
+
+    record = qat_model(args.model, args.out, args.frames, args.steps, args.target, args.size,
+                       args.data, args.overwrite)  # fmt: skip
+    print(f"wrote {args.out} for {args.target} ({record['scheme']} QDQ by quantization-aware "
+          f"training: {record['fake_quantizers']} fake quantizers, {record['steps']} step(s), "
+          f"loss {record['loss'][0]} -> {record['loss'][1]})")  # fmt: skip
+    return EXIT_OK
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     from models.channel import refresh
 
@@ -727,6 +748,16 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--student", type=Path, required=True)
     _recovery_arguments(di)
     di.set_defaults(func=cmd_distill)
+
+    qa = sub.add_parser(
+        "qat",
+        help="quantization-aware training: fake-quantized fine-tuning with distillation from the "
+        "float model, exported as the target's QDQ form",
+    )
+    qa.add_argument("--model", type=Path, required=True, help="float (or pruned) YOLOv8 ONNX")
+    qa.add_argument("--target", required=True, help="deployment target (its INT8 recipe)")
+    _recovery_arguments(qa)
+    qa.set_defaults(func=cmd_qat)
 
     f = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
     f.add_argument("--channel", type=Path, required=True)

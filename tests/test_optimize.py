@@ -93,6 +93,14 @@ def test_a_ratio_out_of_range_is_refused_before_anything_runs(ratio, fp32_model,
     assert not out.exists()
 
 
+def test_qat_for_a_target_the_quantizer_does_not_make_is_refused(fp32_model, shared, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = models_cli("qat", "--model", fp32_model, "--target", "rk3588",
+                        "--frames", shared / "images", "--out", out)  # fmt: skip
+    one_line_error(result, "quantizes in rknn-toolkit2")
+    assert not out.exists()
+
+
 def test_a_missing_training_environment_is_one_line(fp32_model, shared, tmp_path):
     out = tmp_path / "p.onnx"
     result = subprocess.run(

@@ -182,3 +182,46 @@ def distill_model(
     }
     export(student, out, {"distillation": record})
     return record
+
+
+def qat_model(
+    model: Path,
+    out: Path,
+    frames: Path,
+    steps: int,
+    target: str,
+    size: int = 320,
+    data: Path | None = None,
+    overwrite: bool = False,
+    lr: float = 1e-5,
+) -> dict[str, Any]:
+    """Quantization-aware fine-tuning of ``model`` (float, pruned or not) for ``target``, with
+    distillation from ``model`` itself; writes a QDQ ONNX like ``quantize``'s; returns its record.
+
+    Raises:
+        FactoryError: bad steps, an existing output, no frames, evaluation images among them, a
+            model that is not a float YOLOv8 detector, a target this recipe does not cover.
+    """
+    from models.optimize.qat import fold_weight_quantizers, freeze, prepare
+    from models.recipes import recipe
+
+    check_schedule(steps)
+    recipe(target)  # raises for a target the quantizer does not make (rk3588)
+    refuse_existing(out, overwrite)
+    learn = recovery_frames(frames, data, size)
+    teacher = load_detector(model)
+    student, record = prepare(teacher, target, learn.batch[:32])
+    before = evaluate_loss(student, teacher, learn.batch[:4])
+    done = _recover(student, teacher, learn, steps, "quantization-aware training", lr=lr)
+    freeze(student)
+    after = evaluate_loss(student, teacher, learn.batch[:4])
+    record.update({
+        "steps": steps, "loss": [round(before, 5), round(after, 5)],
+        "seconds": round(done.seconds, 1), "frames": len(learn.paths), "train_size": size,
+        "source_sha256": teacher.source_sha256, "torch": torch.__version__,
+    })  # fmt: skip
+    folded: list[int] = []
+    export(student, out, {"quantization": record}, {"precision": "int8", "target": target},
+           body_pass=lambda body: folded.append(fold_weight_quantizers(body)))  # fmt: skip
+    record["weights_folded"] = folded[0] if folded else 0
+    return record

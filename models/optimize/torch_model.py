@@ -15,6 +15,7 @@ import json
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,17 @@ def count(detector: Detector, imgsz: tuple[int, int] | None = None) -> tuple[int
     return int(macs), int(params)
 
 
-def export(detector: Detector, out: Path, record: dict[str, Any]) -> None:
-    """Write ``out``: the body with the source's decode grafted back, the source's metadata and
-    ``record`` (each key a JSON string: ``pruning``, ``distillation``...). Written to a temporary
-    file and renamed: an interrupted export leaves nothing."""
+def export(
+    detector: Detector,
+    out: Path,
+    record: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+    body_pass: Callable[[onnx.ModelProto], Any] | None = None,
+) -> None:
+    """Write ``out``: the body (rewritten by ``body_pass`` if given) with the source's decode
+    grafted back, the source's metadata, ``metadata`` as given, and ``record`` (each key a JSON
+    string: ``pruning``, ``distillation``...). Written to a temporary file and renamed: an
+    interrupted export leaves nothing."""
     module = detector.module.eval()
     example = torch.zeros(1, 3, *detector.imgsz)
     with (
@@ -116,11 +124,14 @@ def export(detector: Detector, out: Path, record: dict[str, Any]) -> None:
             input_names=[detector.prepared.body.graph.input[0].name],
             output_names=detector.prepared.maps,
         )  # fmt: skip
-        model = attach_decode(onnx.load(str(raw)), detector.prepared)
-    metadata = dict(detector.metadata)
-    metadata.update({key: json.dumps(value) for key, value in record.items()})
+        body = onnx.load(str(raw))
+        if body_pass is not None:
+            body_pass(body)
+        model = attach_decode(body, detector.prepared)
+    written = {**detector.metadata, **(metadata or {})}
+    written.update({key: json.dumps(value) for key, value in record.items()})
     del model.metadata_props[:]
-    for key, value in metadata.items():
+    for key, value in written.items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
     with atomic_path(out) as partial:

@@ -1,0 +1,203 @@
+"""Quantization-aware training: fake-quantized fine-tuning with distillation from the float model,
+exported as the same QDQ form `edge-models quantize` writes for the target.
+
+torch's FX graph mode (``prepare_qat_fx``) inserts fake quantizers around every convolution of the
+converted body (onnx2torch's own op modules are left as they are: they are marked non-traceable),
+with the target's recipe from ``models.recipes``: uint8 activations for x86 (ONNX Runtime fuses
+only U8S8 there), int8 for aarch64, symmetric int8 for TensorRT; per-channel symmetric int8
+weights (-128..127), 7-bit in the first convolution for ``cpu-x86_64`` (AVX2's vpmaddubsw
+saturation). Observers calibrate on the frames, then the student trains against the float
+teacher's raw head maps. Export: observers frozen, ``torch.onnx.export`` turns every fake quantizer
+into a QuantizeLinear/DequantizeLinear pair; the weights' pairs are folded into integer
+initializers (ONNX Runtime fuses only constant-int8-weight patterns into integer convolutions),
+and the float decode is grafted back, so the head's post-processing stays float as in PTQ.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch.ao.quantization import (
+    FakeQuantize,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    disable_observer,
+)
+from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+from models.optimize.torch_model import Detector
+from models.recipes import recipe
+
+
+def qconfig_mapping(target: str, first_conv: str) -> tuple[QConfigMapping, dict[str, Any]]:
+    """The fake quantizers for ``target``'s recipe, and the recipe as recorded."""
+    settings = recipe(target)
+    if settings.activations == "uint8":
+        activation = FakeQuantize.with_args(
+            observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+            dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+        )  # fmt: skip
+    else:
+        scheme = (
+            torch.per_tensor_symmetric
+            if settings.symmetric_activations
+            else torch.per_tensor_affine
+        )
+        activation = FakeQuantize.with_args(
+            observer=MovingAverageMinMaxObserver, quant_min=-128, quant_max=127,
+            dtype=torch.qint8, qscheme=scheme,
+        )  # fmt: skip
+
+    def weights(bits: int) -> Any:
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return FakeQuantize.with_args(
+            observer=MovingAveragePerChannelMinMaxObserver, quant_min=low, quant_max=high,
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0,
+        )  # fmt: skip
+
+    seven_bit = settings.reduce_range in ("first", "all")
+    mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weights(
+        7 if settings.reduce_range == "all" else 8)))  # fmt: skip
+    if settings.reduce_range == "first":
+        mapping.set_module_name(first_conv, QConfig(activation=activation, weight=weights(7)))
+    scheme = ("U8S8" if settings.activations == "uint8" else "S8S8") + (
+        ", 7-bit first conv" if seven_bit and settings.reduce_range == "first" else ""
+    )
+    return mapping, {"target": target, "scheme": scheme, "method": "qat"}
+
+
+def as_functions(module: torch.fx.GraphModule) -> int:
+    """onnx2torch's Add/Mul/Sub/Div and Concat modules as the torch functions they call, so that
+    FX quantizes them too (SiLU's Mul, the residual Add, C2f's Concat): ONNX Runtime then runs
+    them as integer ops, instead of converting every activation to float and back around them."""
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+    from onnx2torch.node_converters.concat import OnnxConcat
+
+    replaced = 0
+    for node in list(module.graph.nodes):
+        if node.op != "call_module":
+            continue
+        target = module.get_submodule(node.target)
+        with module.graph.inserting_after(node):
+            if (
+                isinstance(target, OnnxBinaryMathOperation)
+                and target.broadcast is None
+                and (target.math_op_function in (torch.add, torch.mul, torch.sub))
+            ):
+                call = module.graph.call_function(target.math_op_function, tuple(node.args))
+            elif isinstance(target, OnnxConcat):
+                call = module.graph.call_function(torch.cat, (list(node.args), target.axis))
+            else:
+                continue
+        node.replace_all_uses_with(call)
+        module.graph.erase_node(node)
+        replaced += 1
+    module.graph.lint()
+    module.delete_all_unused_submodules()
+    module.recompile()
+    return replaced
+
+
+def prepare(detector: Detector, target: str, frames: np.ndarray) -> tuple[Detector, dict]:
+    """A fake-quantized copy of ``detector``, its observers calibrated on ``frames``."""
+    module = copy.deepcopy(detector.module)
+    as_functions(module)
+    leaves = sorted({type(m) for m in module.modules()
+                     if type(m).__module__.startswith("onnx2torch")}, key=str)  # fmt: skip
+    first = next(name for name, m in module.named_modules() if isinstance(m, torch.nn.Conv2d))
+    mapping, record = qconfig_mapping(target, first)
+    example = torch.from_numpy(frames[:1])
+    with warnings.catch_warnings():  # torch warns for every fixed-range op (sigmoid) it keeps
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = prepare_qat_fx(
+            module.train(), mapping, (example,),
+            prepare_custom_config=PrepareCustomConfig().set_non_traceable_module_classes(leaves),
+        )  # fmt: skip
+    with torch.no_grad():
+        for start in range(0, len(frames), 4):
+            quantized(torch.from_numpy(frames[start : start + 4]))
+    record["fake_quantizers"] = sum(isinstance(m, FakeQuantize) for m in quantized.modules())
+    return dataclasses.replace(detector, module=quantized), record
+
+
+def freeze(detector: Detector) -> None:
+    """Observers off (their ranges are final), for export."""
+    detector.module.eval()
+    detector.module.apply(disable_observer)
+
+
+def fold_weight_quantizers(model: onnx.ModelProto) -> int:
+    """Each QuantizeLinear of a constant (a weight) becomes that constant in int8: DequantizeLinear
+    reads the integers directly, the pattern ONNX Runtime fuses. Returns how many were folded."""
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def constant(name: str) -> np.ndarray | None:
+        while name not in values and name in producers:
+            node = producers[name]
+            if node.op_type == "Identity":
+                name = node.input[0]
+            elif node.op_type == "Constant":
+                return numpy_helper.to_array(node.attribute[0].t)
+            else:
+                return None
+        return numpy_helper.to_array(values[name]) if name in values else None
+
+    # the exporter passes shared constants (scales, zero points) through Identity nodes; ONNX
+    # Runtime fuses a Q/DQ pair only when its scale and zero point are initializers
+    renamed = {n.output[0]: n.input[0] for n in graph.node
+               if n.op_type == "Identity" and n.input[0] in values}  # fmt: skip
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    folded, drop = (
+        0,
+        {id(n) for n in graph.node if n.op_type == "Identity" and n.output[0] in renamed},
+    )
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        weight, scale = constant(node.input[0]), constant(node.input[1])
+        zero = constant(node.input[2]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        if weight is None or scale is None or zero is None or weight.ndim != 4:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        scale_b = scale.reshape(shape) if scale.ndim else scale
+        zero_b = zero.reshape(shape) if zero.ndim else zero
+        info = np.iinfo(zero.dtype)
+        integers = np.clip(np.round(weight / scale_b) + zero_b.astype(np.int32), info.min, info.max)
+        name = f"{node.output[0]}.int"
+        graph.initializer.append(numpy_helper.from_array(integers.astype(zero.dtype), name))
+        for consumer in graph.node:
+            consumer.input[:] = [name if i == node.output[0] else i for i in consumer.input]
+        drop.add(id(node))
+        folded += 1
+    kept = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _scalar_quantization_parameters(model)
+    return folded
+
+
+def _scalar_quantization_parameters(model: onnx.ModelProto) -> None:
+    """Per-tensor scales and zero points as scalars, not [1] tensors: ONNX Runtime fuses Mul, Add
+    and Sigmoid into their integer forms only with scalar ones (Conv accepts either)."""
+    graph = model.graph
+    names = {n.input[k] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+             for k in (1, 2) if len(n.input) > k}  # fmt: skip
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.name in names and list(tensor.dims) == [1]:
+            value = numpy_helper.to_array(tensor).reshape(())
+            graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))

@@ -1,0 +1,67 @@
+"""Quantization-aware training: the export is the target's QDQ form, fused by ONNX Runtime, and
+keeps bus.jpg's detections."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import cv2
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from agent.config import ModelConfig
+from agent.targets import detect as detect_target
+from agent.vision import load_backend
+from models.optimize.frames import frame_paths, load_frames
+from models.optimize.qat import prepare
+from models.optimize.recovery import qat_model
+from models.optimize.torch_model import load_detector
+from tests.reference import iou
+from tests.test_detection_reference import detect
+
+torch.set_num_threads(2)
+
+
+def fused_ops(path, tmp_path) -> Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+def test_qat_exports_a_fused_qdq_model_that_keeps_bus_detections(fp32_model, shared, tmp_path):
+    target = detect_target().target  # this machine's recipe: the one its kernels fuse
+    out = tmp_path / "qat.onnx"
+    record = qat_model(fp32_model, out, shared / "images", 5, target)
+    assert record["fake_quantizers"] > 150 and record["weights_folded"] >= 60
+    ops = fused_ops(out, tmp_path)
+    assert ops["QLinearConv"] >= 60 and ops["Conv"] <= 1, ops  # integer convolutions, not float
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert metadata["precision"] == "int8" and metadata["target"] == target
+    assert json.loads(metadata["quantization"])["method"] == "qat"
+    ours = load_backend("onnxruntime", out, ModelConfig(path=out))
+    floating = load_backend("onnxruntime", fp32_model, ModelConfig(path=fp32_model))
+    assert ours.info.precision == "int8"
+    image = cv2.imread(str(shared / "images" / "bus.jpg"))
+    found = detect(ours, image, confidence=0.25)
+    for want in [d for d in detect(floating, image, confidence=0.25) if d.score > 0.5]:
+        match = max((d for d in found if d.class_id == want.class_id),
+                    key=lambda d: iou(d.box, want.box), default=None)  # fmt: skip
+        assert match is not None and iou(match.box, want.box) > 0.8, want
+        assert abs(match.score - want.score) < 0.1, (want, match)
+
+
+@pytest.mark.parametrize("target, first_bits", [("cpu-x86_64", 7), ("cpu-x86_64-vnni", 8)])
+def test_the_recipe_decides_the_first_convolutions_weight_range(target, first_bits, fp32_model,
+                                                                shared):  # fmt: skip
+    frames = load_frames(frame_paths(shared / "images"), (320, 320))
+    student, record = prepare(load_detector(fp32_model), target, frames)
+    quantizers = [m.weight_fake_quant for m in student.module.modules()
+                  if hasattr(m, "weight_fake_quant")]  # fmt: skip
+    assert quantizers[0].quant_max == 2 ** (first_bits - 1) - 1
+    assert all(q.quant_max == 127 for q in quantizers[1:])
+    assert record["scheme"].startswith("U8S8")
