@@ -42,6 +42,11 @@ def recovery_frames(folder: Path, data: Path | None, size: int) -> Frames:
     return Frames(paths, load_frames(paths, (size, size)))
 
 
+def _facts(learn: Frames, size: int) -> dict[str, Any]:
+    """What every record says about how it learnt."""
+    return {"frames": len(learn.paths), "train_size": size, "torch": torch.__version__}
+
+
 def _bar(total: int, what: str) -> Any:
     from tqdm import tqdm
 
@@ -127,10 +132,8 @@ def prune_model(
         "sensitivity": {k: round(v, 5) for k, v in sensed.items()},
         "steps": steps,
         "loss": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
-        "frames": len(learn.paths),
-        "train_size": size,
         "source_sha256": teacher.source_sha256,
-        "torch": torch.__version__,
+        **_facts(learn, size),
     }
     export(student, out, {"pruning": record})
     return record
@@ -176,9 +179,7 @@ def distill_model(
         "steps": steps,
         "loss": [round(before, 5), round(after, 5)],
         "seconds": round(done.seconds, 1),
-        "frames": len(learn.paths),
-        "train_size": size,
-        "torch": torch.__version__,
+        **_facts(learn, size),
     }
     export(student, out, {"distillation": record})
     return record
@@ -217,8 +218,8 @@ def qat_model(
     after = evaluate_loss(student, teacher, learn.batch[:4])
     record.update({
         "steps": steps, "loss": [round(before, 5), round(after, 5)],
-        "seconds": round(done.seconds, 1), "frames": len(learn.paths), "train_size": size,
-        "source_sha256": teacher.source_sha256, "torch": torch.__version__,
+        "seconds": round(done.seconds, 1), "source_sha256": teacher.source_sha256,
+        **_facts(learn, size),
     })  # fmt: skip
     folded: list[int] = []
     export(student, out, {"quantization": record}, {"precision": "int8", "target": target},
