@@ -481,6 +481,33 @@ def cmd_qat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from models.kernels import known_target
+    from models.optimize.chain import parse_chains
+    from models.optimize.checks import check_ratio, check_schedule
+    from models.recipes import recipe
+
+    chains = parse_chains(args.chains)
+    check_ratio(args.ratio)
+    check_schedule(args.steps)
+    check_schedule(args.qat_steps)
+    known_target(args.target)
+    recipe(args.target)
+    elsewhere = _in_train_env(args)
+    if elsewhere is not None:
+        return elsewhere
+    from models.optimize.chain import optimize
+
+    optimize(args.model, args.frames, args.data, args.target, args.report, chains, args.ratio,
+             args.steps, args.qat_steps, args.size, args.rounds, args.overwrite)  # fmt: skip
+    report = json.loads((args.report / "report.json").read_text())
+    markdown = (args.report / "report.md").read_text().splitlines()
+    print("\n".join(line for line in markdown if line.startswith("|")))
+    print(f"wrote {args.report}/report.md, report.json and plots; models in {args.report}/models "
+          f"({len(report['models']) - 1} optimised)")  # fmt: skip
+    return EXIT_OK
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     from models.channel import refresh
 
@@ -758,6 +785,26 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--target", required=True, help="deployment target (its INT8 recipe)")
     _recovery_arguments(qa)
     qa.set_defaults(func=cmd_qat)
+
+    op = sub.add_parser(
+        "optimize",
+        help="run optimisation chains (ptq, prune, prune+ptq, qat) and write one before/after "
+        "report",
+    )
+    op.add_argument("--model", type=Path, required=True, help="float YOLOv8 ONNX")
+    op.add_argument("--frames", type=Path, required=True, help="unlabelled frames (calibration, "
+                    "recovery, QAT)")  # fmt: skip
+    op.add_argument("--data", type=Path, required=True, help="the evaluation set")
+    op.add_argument("--target", required=True, help="deployment target")
+    op.add_argument("--report", type=Path, required=True, help="report folder to write")
+    op.add_argument("--chains", default="ptq,prune,prune+ptq,qat")
+    op.add_argument("--ratio", type=float, default=0.3)
+    op.add_argument("--steps", type=int, default=300, help="recovery steps after pruning (300)")
+    op.add_argument("--qat-steps", type=int, default=100)
+    op.add_argument("--size", type=int, default=320, help="training input size (320)")
+    op.add_argument("--rounds", type=int, default=30, help="latency rounds (30)")
+    op.add_argument("--overwrite", action="store_true")
+    op.set_defaults(func=cmd_optimize)
 
     f = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
     f.add_argument("--channel", type=Path, required=True)

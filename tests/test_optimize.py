@@ -101,6 +101,15 @@ def test_qat_for_a_target_the_quantizer_does_not_make_is_refused(fp32_model, sha
     assert not out.exists()
 
 
+def test_optimize_refuses_an_unknown_chain_before_any_work(fp32_model, shared, tmp_path):
+    report = tmp_path / "report"
+    result = models_cli("optimize", "--model", fp32_model, "--frames", shared / "images",
+                        "--data", shared / "datasets" / "coco8", "--target", "cpu-x86_64",
+                        "--report", report, "--chains", "ptq,magic")  # fmt: skip
+    one_line_error(result, "choose from ptq, prune, prune+ptq, qat")
+    assert not report.exists()
+
+
 def test_a_missing_training_environment_is_one_line(fp32_model, shared, tmp_path):
     out = tmp_path / "p.onnx"
     result = subprocess.run(

@@ -42,6 +42,15 @@ def recovery_frames(folder: Path, data: Path | None, size: int) -> Frames:
     return Frames(paths, load_frames(paths, (size, size)))
 
 
+def _curve(losses: list[float], points: int = 200) -> list[float]:
+    """The loss over the run, at most ``points`` of it (means of equal stretches)."""
+    if len(losses) <= points:
+        return [round(v, 5) for v in losses]
+    chunks = [losses[i * len(losses) // points : (i + 1) * len(losses) // points]
+              for i in range(points)]  # fmt: skip
+    return [round(sum(c) / len(c), 5) for c in chunks]
+
+
 def _facts(learn: Frames, size: int) -> dict[str, Any]:
     """What every record says about how it learnt."""
     return {"frames": len(learn.paths), "train_size": size, "torch": torch.__version__}
@@ -132,6 +141,7 @@ def prune_model(
         "sensitivity": {k: round(v, 5) for k, v in sensed.items()},
         "steps": steps,
         "loss": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
+        "curve": _curve(losses),
         "source_sha256": teacher.source_sha256,
         **_facts(learn, size),
     }
@@ -219,7 +229,7 @@ def qat_model(
     record.update({
         "steps": steps, "loss": [round(before, 5), round(after, 5)],
         "seconds": round(done.seconds, 1), "source_sha256": teacher.source_sha256,
-        **_facts(learn, size),
+        "curve": _curve(done.losses), **_facts(learn, size),
     })  # fmt: skip
     folded: list[int] = []
     export(student, out, {"quantization": record}, {"precision": "int8", "target": target},

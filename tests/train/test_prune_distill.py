@@ -104,3 +104,27 @@ def test_twenty_distillation_steps_lower_the_loss(teacher, frames):
     after = evaluate_loss(student, teacher, frames)
     assert len(recovery.losses) == 20 and all(np.isfinite(recovery.losses))
     assert after < 0.8 * before, (before, after)
+
+
+def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path):
+    from agent.targets import detect as detect_target
+    from models.optimize.chain import optimize
+    from models.optimize.frames import frame_paths as paths
+
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for path in paths(shared / "images"):
+        (frames_dir / path.name).write_bytes(path.read_bytes())
+    report = tmp_path / "report"
+    data = optimize(fp32_model, frames_dir, shared / "datasets" / "coco8",
+                    detect_target().target, report, ["ptq", "prune", "prune+ptq", "qat"],
+                    steps=2, qat_steps=2, rounds=2)  # fmt: skip
+    names = [m["name"].split(" ")[0] for m in data["models"]]
+    assert names == ["source", "ptq", "prune", "prune+ptq", "qat"]
+    assert data["macs"][2] < 0.6 * data["macs"][0]  # pruned
+    assert abs(data["macs"][1] / data["macs"][0] - 1) < 0.01  # PTQ: the same convolutions
+    for made in ("report.md", "report.json", "comparison.png", "accuracy_vs_latency.png",
+                 "recovery.png", "models/pruned-ptq.onnx", "models/qat.onnx"):  # fmt: skip
+        assert (report / made).is_file(), made
+    assert len(data["records"]["prune"]["curve"]) == 2
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
