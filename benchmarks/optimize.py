@@ -11,12 +11,14 @@ mAP50 on coco8, agreement with fp32.
 Goals on this CPU: prune + distill + INT8 <= 0.4 x fp32 latency; its mAP50-95 drop as small as
 the recovery budget allows, stated with the steps and the hardware.
 
-Usage: python benchmarks/optimize.py [--steps 300] [--ratio 0.3] [--rounds 40] [--report DIR]
+Usage: python benchmarks/optimize.py [--steps 300] [--qat-steps 100] [--ratio 0.3] [--rounds 40]
+       [--report DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -27,11 +29,6 @@ from common import shared_dir_or_exit
 from agent.demo import DEMO_MODEL
 from agent.targets import detect
 from models.calibration import synthesise
-from models.datasets import load_dataset
-from models.evaluate import evaluate
-from models.quantize import quantize
-from models.recipes import recipe
-from models.report import table, write_report
 
 
 def main() -> int:
@@ -43,55 +40,31 @@ def main() -> int:
     parser.add_argument("--qat-steps", type=int, default=100, help="QAT steps (100)")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--report", type=Path, help="also write report.md/json/png here")
+    parser.add_argument("--report", type=Path, help="keep the report (and models) here")
     args = parser.parse_args()
     shared = shared_dir_or_exit(args.shared)
-    fp32 = shared / DEMO_MODEL
-    coco8 = shared / "datasets" / "coco8"
     host = detect()
     photos = [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"]
     with tempfile.TemporaryDirectory(prefix="edge-optimize-") as tmp:
         work = Path(tmp)
-        synthesise(photos, work / "calib", 16)
-        synthesise(photos, work / "frames", 64)  # recovery frames: never coco8
-        ptq = work / "ptq.onnx"
-        quantize(fp32, work / "calib", ptq, recipe(host.target), progress=False, target=host.target)
-        pruned = work / "pruned.onnx"
+        synthesise(photos, work / "frames", 64)  # calibration and recovery frames: never coco8
+        report = args.report or work / "report"
         done = subprocess.run(
-            [sys.executable, "-m", "models.cli", "prune", "--model", str(fp32), "--ratio",
-             str(args.ratio), "--frames", str(work / "frames"), "--data", str(coco8), "--steps",
-             str(args.steps), "--out", str(pruned)],
+            [sys.executable, "-m", "models.cli", "optimize", "--model", str(shared / DEMO_MODEL),
+             "--frames", str(work / "frames"), "--data", str(shared / "datasets" / "coco8"),
+             "--target", host.target, "--report", str(report), "--ratio", str(args.ratio),
+             "--steps", str(args.steps), "--qat-steps", str(args.qat_steps),
+             "--rounds", str(args.rounds), "--overwrite"],
             text=True,
         )  # fmt: skip
         if done.returncode != 0:
             return done.returncode
-        qat = work / "qat.onnx"
-        done = subprocess.run(
-            [sys.executable, "-m", "models.cli", "qat", "--model", str(fp32), "--target",
-             host.target, "--frames", str(work / "frames"), "--data", str(coco8), "--steps",
-             str(args.qat_steps), "--out", str(qat)],
-            text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            return done.returncode
-        pruned_ptq = work / "pruned-ptq.onnx"
-        quantize(pruned, work / "calib", pruned_ptq, recipe(host.target), progress=False,
-                 target=host.target)  # fmt: skip
-        names = {fp32: "fp32", ptq: "PTQ", pruned: "prune+distill",
-                 pruned_ptq: "prune+distill+PTQ", qat: "QAT"}  # fmt: skip
-        models = list(names)
-        dataset = load_dataset(coco8)
-        results = evaluate(models, dataset, latency_rounds=args.rounds)
-        for result, path in zip(results, models, strict=True):
-            result.name = f"{names[path]} ({path.name})"
-        if args.report:
-            write_report(results, dataset, args.report, "")
-    print(table(results))
+        models = json.loads((report / "report.json").read_text())["models"]
     print(f"\nCPU: {host.describe()}; recovery: {args.steps} steps, QAT: {args.qat_steps} steps, "
           "at 320 px on 128 frames made from bus.jpg and zidane.jpg, on this CPU")  # fmt: skip
-    final = results[3]
-    ratio = final.latency_p50_ms / results[0].latency_p50_ms
-    drop = (results[0].map50_95 - final.map50_95) * 100
+    source, final = models[0], next(m for m in models if m["name"].startswith("prune+ptq"))
+    ratio = final["latency_p50_ms"] / source["latency_p50_ms"]
+    drop = (source["map50_95"] - final["map50_95"]) * 100
     print(f"prune+distill+PTQ: latency {ratio:.3f} x fp32 (goal <= 0.4) "
           f"{'PASS' if ratio <= 0.4 else 'MISS'}; mAP50-95 drop {drop:+.2f} points")  # fmt: skip
     return 0
