@@ -21,25 +21,26 @@ from models.errors import FactoryError
 log = logging.getLogger(__name__)
 
 
-def calibration_images(folder: Path) -> list[Path]:
-    """Every image in ``folder`` (recursively), checked to decode.
+def calibration_images(folder: Path, role: str = "calibration") -> list[Path]:
+    """Every image in ``folder`` (recursively), checked to decode; ``role`` names the folder in
+    messages (calibration, recovery frames).
 
     Raises:
         FactoryError: the folder is missing, empty, or holds an unreadable image.
     """
     if not folder.is_dir():
-        raise FactoryError(f"calibration folder not found: {folder}")
+        raise FactoryError(f"{role} folder not found: {folder}")
     paths = sorted(
         p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
     )
     if not paths:
         raise FactoryError(
-            f"calibration folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"{role} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     unreadable = [p for p in paths if cv2.imread(str(p), cv2.IMREAD_REDUCED_COLOR_8) is None]
     if unreadable:
         names = ", ".join(str(p) for p in unreadable[:5])
-        raise FactoryError(f"{len(unreadable)} calibration image(s) cannot be decoded: {names}")
+        raise FactoryError(f"{len(unreadable)} {role} image(s) cannot be decoded: {names}")
     return paths
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from agent.vision import Preprocessor, merge_split_head
+from models.calibration import calibration_images, tensors
 from models.convert.split_head import cut_at_head
 from models.environments import cached_python
 from models.errors import FactoryError
@@ -33,7 +34,6 @@ PLATFORM = "rk3588"
 RKNN_PINS = "rknn-toolkit2==2.5.0"  # scripts/setup-rknn.sh installs exactly this
 WORKER = Path(__file__).with_name("rknn_worker.py")
 ENV_VAR = "EDGE_MODELS_RKNN_PYTHON"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def toolkit_python() -> Path:
@@ -43,15 +43,6 @@ def toolkit_python() -> Path:
         FactoryError: no conversion environment (says how to make one).
     """
     return cached_python("rknn", RKNN_PINS, ENV_VAR, "scripts/setup-rknn.sh", "RKNN conversion")
-
-
-def images_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise FactoryError(f"{folder} is not a folder of images")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FactoryError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return images
 
 
 def letterbox_images(images: list[Path], imgsz: tuple[int, int]) -> list[tuple[np.ndarray, Any]]:
@@ -99,7 +90,7 @@ def convert(
             or a full-graph conversion (refused after it is shown to collapse).
     """
     python = toolkit_python()
-    calibration = [t for t, _ in letterbox_images(images_in(calib), imgsz)]
+    calibration = list(tensors(calibration_images(calib), imgsz))
     with tempfile.TemporaryDirectory(prefix="edge-models-rknn-") as tmp:
         work = Path(tmp)
         source = work / "model.onnx"

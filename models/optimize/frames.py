@@ -13,27 +13,19 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from agent.vision import Preprocessor
+from models.calibration import calibration_images, tensors
 from models.errors import FactoryError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def frame_paths(folder: Path) -> list[Path]:
-    """The images in ``folder`` (recursively), sorted.
+    """The images in ``folder`` (recursively), sorted, each checked to decode.
 
     Raises:
-        FactoryError: not a folder, or no images in it.
+        FactoryError: not a folder, no images in it, or an unreadable one.
     """
-    if not folder.is_dir():
-        raise FactoryError(f"--frames {folder} is not a folder of images")
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise FactoryError(f"--frames {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return found
+    return calibration_images(folder, "recovery frames")
 
 
 def content_hash(path: Path) -> str:
@@ -53,16 +45,5 @@ def refuse_overlap(frames: list[Path], evaluation: list[Path]) -> None:
 
 
 def load_frames(paths: list[Path], imgsz: tuple[int, int]) -> np.ndarray:
-    """The frames letterboxed as the agent feeds a model: ``[N, 3, H, W]`` float32 in 0..1.
-
-    Raises:
-        FactoryError: an image that cannot be decoded (named).
-    """
-    preprocess = Preprocessor(imgsz, pool_size=1)
-    batch = np.empty((len(paths), 3, *imgsz), np.float32)
-    for i, path in enumerate(paths):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FactoryError(f"recovery frame cannot be decoded: {path}")
-        preprocess(image, out=batch[i : i + 1])
-    return batch
+    """The frames letterboxed as the agent feeds a model: ``[N, 3, H, W]`` float32 in 0..1."""
+    return np.concatenate(list(tensors(paths, imgsz)))

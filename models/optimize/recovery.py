@@ -51,6 +51,20 @@ def _curve(losses: list[float], points: int = 200) -> list[float]:
     return [round(sum(c) / len(c), 5) for c in chunks]
 
 
+def _trained(student: Detector, teacher: Detector, learn: Frames, steps: int, what: str,
+             size: int, lr: float, before_measuring: Any = None) -> dict[str, Any]:  # fmt: skip
+    """``steps`` of distillation into ``student``, measured before and after on the same frames;
+    ``before_measuring(student)`` runs between the training and the last measurement."""
+    before = evaluate_loss(student, teacher, learn.batch[:4])
+    done = _recover(student, teacher, learn, steps, what, lr=lr)
+    if before_measuring is not None:
+        before_measuring(student)
+    after = evaluate_loss(student, teacher, learn.batch[:4])
+    return {"steps": steps, "loss": [round(before, 5), round(after, 5)],
+            "seconds": round(done.seconds, 1), "curve": _curve(done.losses),
+            **_facts(learn, size)}  # fmt: skip
+
+
 def _facts(learn: Frames, size: int) -> dict[str, Any]:
     """What every record says about how it learnt."""
     return {"frames": len(learn.paths), "train_size": size, "torch": torch.__version__}
@@ -180,16 +194,10 @@ def distill_model(
             f"{student_path.name} and {teacher_path.name} have different heads "
             f"({ours} vs {theirs}): distillation needs the same classes and map layout"
         )
-    before = evaluate_loss(student, teacher, learn.batch[:4])
-    done = _recover(student, teacher, learn, steps, "distillation", lr=lr)
-    after = evaluate_loss(student, teacher, learn.batch[:4])
     record = {
         "teacher": teacher_path.name,
         "teacher_sha256": teacher.source_sha256,
-        "steps": steps,
-        "loss": [round(before, 5), round(after, 5)],
-        "seconds": round(done.seconds, 1),
-        **_facts(learn, size),
+        **_trained(student, teacher, learn, steps, "distillation", size, lr),
     }
     export(student, out, {"distillation": record})
     return record
@@ -222,15 +230,9 @@ def qat_model(
     learn = recovery_frames(frames, data, size)
     teacher = load_detector(model)
     student, record = prepare(teacher, target, learn.batch[:32])
-    before = evaluate_loss(student, teacher, learn.batch[:4])
-    done = _recover(student, teacher, learn, steps, "quantization-aware training", lr=lr)
-    freeze(student)
-    after = evaluate_loss(student, teacher, learn.batch[:4])
-    record.update({
-        "steps": steps, "loss": [round(before, 5), round(after, 5)],
-        "seconds": round(done.seconds, 1), "source_sha256": teacher.source_sha256,
-        "curve": _curve(done.losses), **_facts(learn, size),
-    })  # fmt: skip
+    record.update(_trained(student, teacher, learn, steps, "quantization-aware training", size,
+                           lr, before_measuring=freeze))  # fmt: skip
+    record["source_sha256"] = teacher.source_sha256
     folded: list[int] = []
     export(student, out, {"quantization": record}, {"precision": "int8", "target": target},
            body_pass=lambda body: folded.append(fold_weight_quantizers(body)))  # fmt: skip

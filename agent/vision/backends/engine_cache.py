@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,8 +206,6 @@ class EngineCache:
         Raises:
             EngineBuildError: the build failed (the previous model keeps running).
         """
-        import time
-
         clock = clock or time.monotonic
         found = self.lookup(key)
         if found is not None:
