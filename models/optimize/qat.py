@@ -131,9 +131,32 @@ def prepare(detector: Detector, target: str, frames: np.ndarray) -> tuple[Detect
 
 
 def freeze(detector: Detector) -> None:
-    """Observers off (their ranges are final), for export."""
+    """Observers off (their ranges are final), and 7-bit weights in the 8-bit form ONNX takes,
+    for export."""
     detector.module.eval()
     detector.module.apply(disable_observer)
+    widen_narrow_weights(detector.module)
+
+
+def widen_narrow_weights(module: torch.nn.Module) -> int:
+    """ONNX's QuantizeLinear takes only the int8 (and uint8) range, so a 7-bit weight quantizer
+    (-64..63) cannot be exported as it is. Each such weight is clamped to its 7-bit range (the
+    training's last steps may have moved it past the observed one) and its quantizer set to
+    -128..127 with the same scales: it computes exactly the same integers, in the form the
+    exporter accepts. Returns how many were widened."""
+    widened = 0
+    with torch.no_grad():
+        for layer in module.modules():
+            quantizer = getattr(layer, "weight_fake_quant", None)
+            if quantizer is None or (quantizer.quant_min, quantizer.quant_max) != (-64, 63):
+                continue
+            scale = quantizer.scale.reshape(-1, *[1] * (layer.weight.dim() - 1))
+            layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, 63 * scale), -64 * scale))
+            quantizer.quant_min, quantizer.quant_max = -128, 127
+            observer = quantizer.activation_post_process  # what forward() reads the range from
+            observer.quant_min, observer.quant_max = -128, 127
+            widened += 1
+    return widened
 
 
 def fold_weight_quantizers(model: onnx.ModelProto) -> int:

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 import cv2
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -65,3 +66,22 @@ def test_the_recipe_decides_the_first_convolutions_weight_range(target, first_bi
     assert quantizers[0].quant_max == 2 ** (first_bits - 1) - 1
     assert all(q.quant_max == 127 for q in quantizers[1:])
     assert record["scheme"].startswith("U8S8")
+
+
+@pytest.mark.parametrize("target, first_range", [("cpu-x86_64", 64), ("cpu-x86_64-vnni", 128)])
+def test_a_qat_model_exports_for_either_x86_recipe_on_any_host(target, first_range, fp32_model,
+                                                               shared, tmp_path):  # fmt: skip
+    """ONNX takes only 8-bit quantizer ranges: the 7-bit first convolution of `cpu-x86_64`
+    exports as int8 integers that stay within -64..63."""
+    out = tmp_path / f"{target}.onnx"
+    qat_model(fp32_model, out, shared / "images", 2, target)
+    first = next(
+        t for t in onnx.load(str(out)).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and list(t.dims) == [16, 3, 3, 3]
+    )  # fmt: skip
+    weights = onnx.numpy_helper.to_array(first)
+    assert weights.min() >= -first_range and weights.max() <= first_range - 1
+    assert np.abs(weights).max() >= first_range // 2 + 1  # the range is used, not squeezed
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": np.zeros((1, 3, 640, 640), np.float32)})[0].shape == (
+        1, 84, 8400)  # fmt: skip
