@@ -11,8 +11,8 @@ mAP50 on coco8, agreement with fp32.
 Goals on this CPU: prune + distill + INT8 <= 0.4 x fp32 latency; its mAP50-95 drop as small as
 the recovery budget allows, stated with the steps and the hardware.
 
-Usage: python benchmarks/optimize.py [--steps 300] [--qat-steps 100] [--ratio 0.3] [--rounds 40]
-       [--report DIR]
+Usage: python benchmarks/optimize.py [--steps 300] [--qat-steps 100] [--ratio 0.3] [--stages 3]
+       [--rounds 40] [--report DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="recovery steps (300)")
     parser.add_argument("--qat-steps", type=int, default=100, help="QAT steps (100)")
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--stages", type=int, default=3, help="pruning stages (3)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--report", type=Path, help="keep the report (and models) here")
     args = parser.parse_args()
@@ -53,14 +54,16 @@ def main() -> int:
             [sys.executable, "-m", "models.cli", "optimize", "--model", str(shared / DEMO_MODEL),
              "--frames", str(work / "frames"), "--data", str(shared / "datasets" / "coco8"),
              "--target", host.target, "--report", str(report), "--ratio", str(args.ratio),
-             "--steps", str(args.steps), "--qat-steps", str(args.qat_steps),
+             "--steps", str(args.steps), "--stages", str(args.stages),
+             "--qat-steps", str(args.qat_steps),
              "--rounds", str(args.rounds), "--overwrite"],
             text=True,
         )  # fmt: skip
         if done.returncode != 0:
             return done.returncode
         models = json.loads((report / "report.json").read_text())["models"]
-    print(f"\nCPU: {host.describe()}; recovery: {args.steps} steps, QAT: {args.qat_steps} steps, "
+    print(f"\nCPU: {host.describe()}; pruning {args.ratio:.0%} in {args.stages} stages, recovery: "
+          f"{args.steps} steps, QAT: {args.qat_steps} steps, "
           "at 320 px on 128 frames made from bus.jpg and zidane.jpg, on this CPU")  # fmt: skip
     source, final = models[0], next(m for m in models if m["name"].startswith("prune+ptq"))
     ratio = final["latency_p50_ms"] / source["latency_p50_ms"]

@@ -434,7 +434,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from models.optimize.recovery import prune_model
 
     record = prune_model(args.model, args.out, args.ratio, args.frames, args.steps, args.round_to,
-                         args.stages, args.size, args.data, args.overwrite)  # fmt: skip
+                         args.stages, args.size, args.data, args.overwrite,
+                         checkpoint_s=args.checkpoint_every)  # fmt: skip
     params0, params1 = record["params"]
     print(
         f"wrote {args.out}: {params0 / 1e6:.2f} M -> {params1 / 1e6:.2f} M parameters, MACs "
@@ -454,7 +455,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from models.optimize.recovery import distill_model
 
     record = distill_model(args.teacher, args.student, args.out, args.frames, args.steps,
-                           args.size, args.data, args.overwrite)  # fmt: skip
+                           args.size, args.data, args.overwrite,
+                           checkpoint_s=args.checkpoint_every)  # fmt: skip
     print(f"wrote {args.out}: {record['steps']} step(s), loss {record['loss'][0]} -> "
           f"{record['loss'][1]} ({record['seconds']} s)")  # fmt: skip
     return EXIT_OK
@@ -474,7 +476,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     from models.optimize.recovery import qat_model
 
     record = qat_model(args.model, args.out, args.frames, args.steps, args.target, args.size,
-                       args.data, args.overwrite)  # fmt: skip
+                       args.data, args.overwrite, checkpoint_s=args.checkpoint_every)  # fmt: skip
     print(f"wrote {args.out} for {args.target} ({record['scheme']} QDQ by quantization-aware "
           f"training: {record['fake_quantizers']} fake quantizers, {record['steps']} step(s), "
           f"loss {record['loss'][0]} -> {record['loss'][1]})")  # fmt: skip
@@ -489,7 +491,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     chains = parse_chains(args.chains)
     check_ratio(args.ratio)
-    check_schedule(args.steps)
+    check_schedule(args.steps, args.stages)
     check_schedule(args.qat_steps)
     known_target(args.target)
     recipe(args.target)
@@ -499,7 +501,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from models.optimize.chain import optimize
 
     optimize(args.model, args.frames, args.data, args.target, args.report, chains, args.ratio,
-             args.steps, args.qat_steps, args.size, args.rounds, args.overwrite)  # fmt: skip
+             args.steps, args.qat_steps, args.size, args.rounds, args.overwrite,
+             args.stages)  # fmt: skip
     report = json.loads((args.report / "report.json").read_text())
     markdown = (args.report / "report.md").read_text().splitlines()
     print("\n".join(line for line in markdown if line.startswith("|")))
@@ -539,6 +542,11 @@ def _recovery_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="the evaluation set: frames in it are refused")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--checkpoint-every", type=float, default=60.0, metavar="S",
+        help="save the training state every S seconds (60); the same command run again after "
+        "an interruption resumes from it (Ctrl-C once: stop after this step, state saved)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -800,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--chains", default="ptq,prune,prune+ptq,qat")
     op.add_argument("--ratio", type=float, default=0.3)
     op.add_argument("--steps", type=int, default=300, help="recovery steps after pruning (300)")
+    op.add_argument("--stages", type=int, default=3, help="prune in this many steps (3)")
     op.add_argument("--qat-steps", type=int, default=100)
     op.add_argument("--size", type=int, default=320, help="training input size (320)")
     op.add_argument("--rounds", type=int, default=30, help="latency rounds (30)")

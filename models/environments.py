@@ -15,6 +15,11 @@ from pathlib import Path
 from models.errors import FactoryError
 
 
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/edge-agent`` (``~/.cache/edge-agent``): toolchains and checkpoints."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-agent"
+
+
 def cached_python(name: str, pins: str, env_var: str, setup: str, label: str) -> Path:
     """The Python of toolchain ``name`` (``label`` in messages): ``$env_var``, else the cached
     environment for ``pins``.
@@ -24,10 +29,7 @@ def cached_python(name: str, pins: str, env_var: str, setup: str, label: str) ->
     """
     explicit = os.environ.get(env_var)
     key = hashlib.sha256(pins.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    python = (
-        Path(explicit) if explicit else cache / "edge-agent" / f"{name}-{key}" / "bin" / "python"
-    )
+    python = Path(explicit) if explicit else cache_root() / f"{name}-{key}" / "bin" / "python"
     if not python.exists():
         raise FactoryError(
             f"the {label} environment is missing ({python} not found): run `bash {setup}` "

@@ -166,26 +166,54 @@ def test_bad_recovery_input_is_one_line_and_writes_nothing(train_python, fp32_mo
         assert not list(out.parent.iterdir())
 
 
-def test_ctrl_c_during_recovery_leaves_no_output(train_python, fp32_model, shared, tmp_path):
+def test_ctrl_c_stops_after_a_step_and_the_same_command_resumes(train_python, fp32_model, shared,
+                                                                 tmp_path):  # fmt: skip
+    """Ctrl-C (to the whole process group, as a terminal sends it) stops the run after the current
+    step with its state saved and no output written; the same command again resumes and ends
+    where an uninterrupted run does."""
     import signal
     import time
+
+    checkpoints = tmp_path / "checkpoints"
+    env = {**os.environ, "EDGE_MODELS_CHECKPOINTS": str(checkpoints)}
+
+    def prune(out, *extra):
+        return [sys.executable, "-m", "models.cli", "prune", "--model", str(fp32_model),
+                "--ratio", "0.3", "--frames", str(shared / "images"), "--steps", "24",
+                "--stages", "2", "--checkpoint-every", "0", "--out", str(out), *extra]  # fmt: skip
 
     out = tmp_path / "out" / "p.onnx"
     out.parent.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "models.cli", "prune", "--model", str(fp32_model), "--ratio", "0.3",
-         "--frames", str(shared / "images"), "--steps", "100000", "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        prune(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,  # a terminal's Ctrl-C reaches the whole process group
     )  # fmt: skip
     deadline = time.monotonic() + 120
     seen = ""
-    while "stage 1/3" not in seen and time.monotonic() < deadline:
+    while "stage 1/2" not in seen and time.monotonic() < deadline:
         seen += process.stderr.read(1) if process.poll() is None else ""
         if process.poll() is not None:
             break
-    assert "stage 1/3" in seen, seen
+    assert "stage 1/2" in seen, seen
     os.killpg(process.pid, signal.SIGINT)
-    process.communicate(timeout=60)
-    assert process.returncode == 130
+    _, rest = process.communicate(timeout=120)
+    assert process.returncode == 130, seen + rest
+    assert "run the same command again to resume" in rest
     assert not list(out.parent.iterdir())  # no model, no partial file
+    assert len(list(checkpoints.glob("prune-*.pt"))) == 1
+
+    resumed = subprocess.run(prune(out), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert not list(checkpoints.glob("*.pt"))  # a finished run clears its checkpoint
+    straight = tmp_path / "straight.onnx"
+    whole = subprocess.run(prune(straight), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr
+
+    def record(path):
+        return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["pruning"])
+
+    a, b = record(out), record(straight)
+    assert a["params"] == b["params"] and a["block_ratios"] == b["block_ratios"]
+    assert len(a["curve"]) == len(b["curve"]) == 24
+    assert np.allclose(a["curve"], b["curve"], rtol=1e-3, atol=1e-4), (a["curve"], b["curve"])

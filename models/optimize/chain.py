@@ -7,7 +7,10 @@ evaluation set (latency interleaved, on the target's kernels where they are this
 accuracy only under emulation otherwise), and the report folder gets report.md, report.json,
 comparison.png, accuracy_vs_latency.png, recovery.png (the training losses) and the models
 themselves. It is built beside the destination and renamed into place at the end: an
-interrupted run leaves nothing.
+interrupted run leaves nothing there. The models are made in a stash among the checkpoints
+(named by the run's inputs and settings), each written whole: run the same command again after
+an interruption and the models already made are taken from there, and a pruning or QAT cut
+short resumes from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def optimize(
     size: int = 320,
     rounds: int = 30,
     overwrite: bool = False,
+    stages: int = 3,
 ) -> dict[str, Any]:
     """Run ``chains`` on ``model`` and write the report folder; returns report.json's content.
 
@@ -80,37 +84,25 @@ def optimize(
     from models.datasets import load_dataset
     from models.evaluate import evaluate
     from models.kernels import runner_for
-    from models.optimize.recovery import prune_model, qat_model, recovery_frames
-    from models.quantize import quantize
+    from models.optimize.recovery import recovery_frames
     from models.recipes import recipe
 
     if report.exists() and any(report.iterdir()) and not overwrite:
         raise FactoryError(f"report folder {report} is not empty (pass --overwrite to replace it)")
     settings = recipe(target)
-    recovery_frames(frames, data, size)  # refuses evaluation images before any work
+    learn = recovery_frames(frames, data, size)  # refuses evaluation images before any work
     dataset = load_dataset(data)
+    stash = _stash(model, learn.paths, data, target, chains, ratio, steps, qat_steps, size, stages)
     report.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{report.name}.partial-", dir=report.parent))
     try:
-        built: dict[str, Path] = {}
-        records: dict[str, dict] = {}
+        made, trained = _models(stash, model, frames, data, target, settings, chains, ratio,
+                                steps, qat_steps, size, stages)  # fmt: skip
         models_dir = work / "models"
         models_dir.mkdir()
-        if "ptq" in chains:
-            built["ptq"] = models_dir / "ptq.onnx"
-            quantize(model, frames, built["ptq"], settings, target=target)
-        if "prune" in chains or "prune+ptq" in chains:
-            pruned = models_dir / "pruned.onnx"
-            records["prune"] = prune_model(model, pruned, ratio, frames, steps, size=size,
-                                           data=data)  # fmt: skip
-            if "prune" in chains:
-                built["prune"] = pruned
-            if "prune+ptq" in chains:
-                built["prune+ptq"] = models_dir / "pruned-ptq.onnx"
-                quantize(pruned, frames, built["prune+ptq"], settings, target=target)
-        if "qat" in chains:
-            built["qat"] = models_dir / "qat.onnx"
-            records["qat"] = qat_model(model, built["qat"], frames, qat_steps, target, size, data)
+        built = {name: Path(shutil.copy2(path, models_dir / path.name))
+                 for name, path in made.items()}  # fmt: skip
+        records = {name: record for name, path in trained.items() if (record := _record(path))}
         paths = [model, *built.values()]
         native = target == detect().target
         runner = None if native else runner_for(target)
@@ -120,13 +112,92 @@ def optimize(
         for result, name in zip(results, ["source", *built], strict=True):
             result.name = f"{name} ({Path(result.path).name})"
         data_out = _write(work, results, dataset, paths, records, target, native)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):
+            import sys
+
+            print(f"- interrupted: the models made so far stay in {stash}; run the same command "
+                  "again to go on from there", file=sys.stderr)  # fmt: skip
         raise
     if report.exists():
         shutil.rmtree(report)
     work.rename(report)
+    shutil.rmtree(stash, ignore_errors=True)
     return data_out
+
+
+def _stash(model: Path, frames: list[Path], data: Path, target: str, chains: list[str],
+           *settings: Any) -> Path:  # fmt: skip
+    """Where this very run keeps the models it has made, to take them again after a stop."""
+    import hashlib
+
+    from models.optimize.checkpoint import checkpoint_folder, digest
+
+    what = json.dumps([digest(model), [digest(p) for p in frames], str(data.resolve()), target,
+                       sorted(chains), *settings])  # fmt: skip
+    stash = checkpoint_folder() / f"optimize-{hashlib.sha256(what.encode()).hexdigest()[:24]}"
+    stash.mkdir(parents=True, exist_ok=True)
+    return stash
+
+
+def _models(stash: Path, model: Path, frames: Path, data: Path, target: str, settings: Any,
+            chains: list[str], ratio: float, steps: int, qat_steps: int, size: int,
+            stages: int) -> tuple[dict[str, Path], dict[str, Path]]:  # fmt: skip
+    """The chains' models, each made unless the stash already holds it (written whole), and
+    the trained ones (pruned, QAT) whose records the report shows."""
+    import sys
+
+    from models.optimize.recovery import prune_model, qat_model
+    from models.quantize import quantize
+
+    built: dict[str, Path] = {}
+
+    def make(name: str, path: Path, build: Any) -> Path:
+        if path.is_file():
+            print(f"- {name}: {path.name} already made by an earlier run", file=sys.stderr)
+        else:
+            build(path)
+        return path
+
+    pruned = None
+    if "ptq" in chains:
+        built["ptq"] = make(
+            "ptq",
+            stash / "ptq.onnx",
+            lambda out: quantize(model, frames, out, settings, target=target),
+        )
+    if "prune" in chains or "prune+ptq" in chains:
+        pruned = make("prune", stash / "pruned.onnx", lambda out: prune_model(
+            model, out, ratio, frames, steps, stages=stages, size=size, data=data))  # fmt: skip
+        if "prune" in chains:
+            built["prune"] = pruned
+    if "prune+ptq" in chains and pruned is not None:
+        built["prune+ptq"] = make("prune+ptq", stash / "pruned-ptq.onnx",
+                                  lambda out: quantize(pruned, frames, out, settings,
+                                                       target=target))  # fmt: skip
+    if "qat" in chains:
+        built["qat"] = make("qat", stash / "qat.onnx", lambda out: qat_model(
+            model, out, frames, qat_steps, target, size, data))  # fmt: skip
+    trained = {"prune": pruned} if pruned is not None else {}
+    if "qat" in built:
+        trained["qat"] = built["qat"]
+    return built, trained
+
+
+def _record(path: Path) -> dict[str, Any] | None:
+    """What the training step wrote into the model (pruning or QAT), or None for PTQ."""
+    metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
+                .metadata_props}  # fmt: skip
+    for key in ("pruning", "quantization"):
+        if key in metadata:
+            try:
+                found = json.loads(metadata[key])
+            except ValueError:
+                return None
+            if isinstance(found, dict) and "steps" in found:
+                return found
+    return None
 
 
 def _write(folder: Path, results: list, dataset: Any, paths: list[Path],

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,10 +72,16 @@ def distil(
     imgsz: int | None = None,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    keep: Callable[[Callable[[], dict[str, Any]], int], None] | None = None,
 ) -> Recovery:
     """``steps`` of distillation from ``teacher`` into ``student`` on ``frames`` ([N,3,H,W],
     letterboxed, 0..1), at ``imgsz`` (default: the frames' own size; lower is faster on CPU, the
-    raw maps work at any size). Random horizontal flips; Adam; the student's parameters only."""
+    raw maps work at any size). Random horizontal flips; Adam; the student's parameters only.
+
+    ``keep(state, step)`` is called at every step's end with a function that returns the whole
+    training state; ``resume`` is such a state: the run continues from its step as if it had
+    never stopped (weights, optimiser, random generators, losses)."""
     generator = random.Random(seed)
     torch.manual_seed(seed)
     images = torch.from_numpy(frames)
@@ -82,11 +89,20 @@ def distil(
         images = F.interpolate(images, size=(imgsz, imgsz), mode="bilinear", align_corners=False)
     trainable = [p for p in student.module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)
+    record = Recovery(steps)
+    first = 0
+    if resume is not None:
+        student.module.load_state_dict(resume["weights"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.setstate(resume["random"])
+        torch.set_rng_state(resume["torch_random"])
+        record.losses = list(resume["losses"])
+        record.seconds = resume["seconds"]
+        first = resume["step"]
     student.module.train()
     teacher.module.eval()
-    record = Recovery(steps)
-    started = time.monotonic()
-    for step in range(steps):
+    started = time.monotonic() - record.seconds
+    for step in range(first, steps):
         picks = [generator.randrange(len(images)) for _ in range(min(batch, len(images)))]
         x = images[picks]
         if generator.random() < 0.5:
@@ -103,6 +119,16 @@ def distil(
         record.losses.append(value)
         if progress is not None:
             progress(step + 1, value)
+        if keep is not None:
+            done = step + 1
+
+            def state(done: int = done) -> dict[str, Any]:
+                return {"step": done, "weights": student.module.state_dict(),
+                        "optimizer": optimizer.state_dict(), "random": generator.getstate(),
+                        "torch_random": torch.get_rng_state(), "losses": list(record.losses),
+                        "seconds": time.monotonic() - started}  # fmt: skip
+
+            keep(state, done)
     record.seconds = time.monotonic() - started
     student.module.eval()
     return record

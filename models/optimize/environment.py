@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,4 +36,11 @@ def run_there(argv: Sequence[str]) -> int:
     python = train_python()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    return subprocess.run([str(python), "-m", "models.cli", *argv], env=env).returncode
+    child = subprocess.Popen([str(python), "-m", "models.cli", *argv], env=env)
+    # A terminal's Ctrl-C reaches both processes: the child saves its state and stops, and
+    # this one waits for it instead of killing it mid-save.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from models.errors import FactoryError
+from models.optimize.checkpoint import Checkpoint, digest
 from models.optimize.checks import check_ratio, check_schedule
 from models.optimize.distill import Recovery, distil, evaluate_loss
 from models.optimize.frames import frame_paths, load_frames, refuse_overlap
@@ -52,11 +53,20 @@ def _curve(losses: list[float], points: int = 200) -> list[float]:
 
 
 def _trained(student: Detector, teacher: Detector, learn: Frames, steps: int, what: str,
-             size: int, lr: float, before_measuring: Any = None) -> dict[str, Any]:  # fmt: skip
-    """``steps`` of distillation into ``student``, measured before and after on the same frames;
-    ``before_measuring(student)`` runs between the training and the last measurement."""
+             size: int, lr: float, checkpoint: Checkpoint,
+             before_measuring: Any = None) -> dict[str, Any]:  # fmt: skip
+    """``steps`` of distillation into ``student``, measured before and after on the same frames,
+    resumed from and kept in ``checkpoint``; ``before_measuring(student)`` runs between the
+    training and the last measurement."""
     before = evaluate_loss(student, teacher, learn.batch[:4])
-    done = _recover(student, teacher, learn, steps, what, lr=lr)
+    saved = checkpoint.resume() or {}
+
+    def keep(state: Any, step: int) -> None:
+        checkpoint.keep(lambda: {"recovery": state()}, f"step {step} of {steps}")
+
+    with checkpoint.stoppable():
+        done = _recover(student, teacher, learn, steps, what, lr=lr,
+                        resume=saved.get("recovery"), keep=keep)  # fmt: skip
     if before_measuring is not None:
         before_measuring(student)
     after = evaluate_loss(student, teacher, learn.batch[:4])
@@ -65,28 +75,40 @@ def _trained(student: Detector, teacher: Detector, learn: Frames, steps: int, wh
             **_facts(learn, size)}  # fmt: skip
 
 
+def _checkpoint(command: str, out: Path, sources: list[Path], learn: Frames, every_s: float,
+                **settings: Any) -> Checkpoint:  # fmt: skip
+    """The checkpoint of this run: the same command, output, inputs (by content) and settings
+    find it again; anything else starts afresh."""
+    return Checkpoint({
+        "command": command, "out": str(out.resolve()), "sources": [digest(p) for p in sources],
+        "frames": [digest(p) for p in learn.paths], "settings": settings,
+        "torch": torch.__version__,
+    }, every_s)  # fmt: skip
+
+
 def _facts(learn: Frames, size: int) -> dict[str, Any]:
     """What every record says about how it learnt."""
     return {"frames": len(learn.paths), "train_size": size, "torch": torch.__version__}
 
 
-def _bar(total: int, what: str) -> Any:
+def _bar(total: int, what: str, initial: int = 0) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=what, unit="step", file=sys.stderr, leave=False,
-                disable=total == 0)  # fmt: skip
+    return tqdm(total=total, initial=initial, desc=what, unit="step", file=sys.stderr,
+                leave=False, disable=total == 0)  # fmt: skip
 
 
 def _recover(student: Detector, teacher: Detector, frames: Frames, steps: int, what: str,
-             **options: Any) -> Recovery:  # fmt: skip
-    bar = _bar(steps, what)
+             resume: dict[str, Any] | None = None, **options: Any) -> Recovery:  # fmt: skip
+    bar = _bar(steps, what, resume["step"] if resume else 0)
 
     def progress(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
 
     try:
-        return distil(student, teacher, frames.batch, steps, progress=progress, **options)
+        return distil(student, teacher, frames.batch, steps, progress=progress, resume=resume,
+                      **options)  # fmt: skip
     finally:
         bar.close()
 
@@ -103,64 +125,137 @@ def prune_model(
     data: Path | None = None,
     overwrite: bool = False,
     lr: float = 1e-4,
+    checkpoint_s: float = 60.0,
 ) -> dict[str, Any]:
     """Prune ``model`` by ``ratio`` and recover it; write ``out``; returns the pruning record.
+    An interrupted run resumes from its checkpoint when called again the same way.
 
     Raises:
         FactoryError: bad ratio, stages or steps, an existing output, no frames, frames that are
             evaluation images, a model that is not a float YOLOv8 detector.
     """
-    from models.optimize.prune import block_ratios, prune_groups, pruner_for, sensitivity
+    from models.optimize.prune import block_ratios, pruner_for, sensitivity
 
     check_ratio(ratio)
     check_schedule(steps, stages, round_to)
     refuse_existing(out, overwrite)
     learn = recovery_frames(frames, data, size)
+    checkpoint = _checkpoint(
+        "prune",
+        out,
+        [model],
+        learn,
+        checkpoint_s,
+        ratio=ratio,
+        steps=steps,
+        round_to=round_to,
+        stages=stages,
+        size=size,
+        lr=lr,
+    )
+    saved = checkpoint.resume() or {}
     teacher = load_detector(model)
     student = copy.deepcopy(teacher)
-    probe = learn.batch[: min(4, len(learn.batch))]
-    print(f"- sensitivity of each block at {ratio:.0%} on {len(probe)} frame(s)", file=sys.stderr)
-    sensed = sensitivity(student, teacher, probe, ratio, round_to)
+    probe = learn.batch[: min(4, len(learn.batch))]  # the loss is measured on these
+    statistics = learn.batch[:: max(1, len(learn.batch) // 32)][:32]  # importance, reconstruction
+    sensed = saved.get("sensitivity")
+    if sensed is None:
+        print(f"- sensitivity of each block at {ratio:.0%} on {len(probe)} frame(s)",
+              file=sys.stderr)  # fmt: skip
+        sensed = sensitivity(student, teacher, probe, ratio, round_to, statistics)
     ratios = block_ratios(ratio, sensed)
     macs0, params0 = count(student)
     pruner = pruner_for(student, ratios, ratio, round_to, stages)
-    stage_records, losses = [], []
-    for stage in range(stages):
-        groups = sum(1 for _ in prune_groups(pruner))
-        macs, params = count(student)
-        pruned_loss = evaluate_loss(student, teacher, probe)
-        share = steps // stages + (1 if stage < steps % stages else 0)
-        done = _recover(student, teacher, learn, share, f"stage {stage + 1}/{stages}", lr=lr)
-        losses += done.losses
-        stage_records.append({
-            "stage": stage + 1, "groups": groups, "params": params,
-            "macs_ratio": round(macs / macs0, 4), "loss_after_pruning": round(pruned_loss, 5),
-            "steps": share, "loss_after_recovery": round(evaluate_loss(student, teacher, probe), 5),
-        })  # fmt: skip
-        print(
-            f"- stage {stage + 1}/{stages}: {params / 1e6:.2f} M parameters, MACs "
-            f"{macs / macs0:.1%}; loss {pruned_loss:.4f} after pruning, "
-            f"{stage_records[-1]['loss_after_recovery']:.4f} after {share} step(s)",
-            file=sys.stderr,
-        )
+    run = _PruneRun(student, teacher, pruner, checkpoint, saved, sensed)
+    with checkpoint.stoppable():
+        for stage in range(len(run.records), stages):
+            share = steps // stages + (1 if stage < steps % stages else 0)
+            run.stage(stage, stages, share, macs0, learn, probe, statistics, lr)
     macs1, params1 = count(student)
     record = {
         "ratio": ratio,
         "round_to": round_to,
-        "stages": stage_records,
+        "stages": run.records,
         "params": [params0, params1],
         "macs": [macs0, macs1],
         "macs_ratio": round(macs1 / macs0, 4),
         "block_ratios": {k: round(v, 3) for k, v in ratios.items()},
         "sensitivity": {k: round(v, 5) for k, v in sensed.items()},
+        "importance": "activation spread",
+        "reconstruction": "least squares",
         "steps": steps,
-        "loss": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
-        "curve": _curve(losses),
+        "loss": [round(run.losses[0], 5), round(run.losses[-1], 5)] if run.losses else None,
+        "curve": _curve(run.losses),
         "source_sha256": teacher.source_sha256,
         **_facts(learn, size),
     }
     export(student, out, {"pruning": record})
+    checkpoint.clear()
     return record
+
+
+class _PruneRun:
+    """The stages of one pruning run and what its checkpoint needs to replay them: the channels
+    each stage removed (by the root convolution's name), the stage records and losses so far."""
+
+    def __init__(self, student: Detector, teacher: Detector, pruner: Any,
+                 checkpoint: Checkpoint, saved: dict[str, Any], sensed: dict) -> None:  # fmt: skip
+        from models.optimize.prune import replay
+
+        self.student, self.teacher, self.pruner = student, teacher, pruner
+        self.checkpoint, self.sensed = checkpoint, sensed
+        self.removed: list[list[tuple[str, list[int]]]] = saved.get("removed", [])
+        self.records: list[dict[str, Any]] = saved.get("stages", [])
+        self.losses: list[float] = saved.get("losses", [])
+        self.pruned_loss: float | None = saved.get("pruned_loss")
+        self.recovery: dict[str, Any] | None = saved.get("recovery")
+        replay(pruner, self.removed)
+        if "weights" in saved:
+            student.module.load_state_dict(saved["weights"])
+
+    def state(self, recovery: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"sensitivity": self.sensed, "removed": self.removed, "stages": self.records,
+                "losses": self.losses, "pruned_loss": self.pruned_loss,
+                "weights": self.student.module.state_dict(), "recovery": recovery}  # fmt: skip
+
+    def stage(self, stage: int, stages: int, share: int, macs0: int, learn: Frames,
+              probe: Any, statistics: Any, lr: float) -> None:  # fmt: skip
+        """Prune this stage's channels (unless the checkpoint already did), then recover."""
+        from models.optimize.prune import prune_groups, root_of
+
+        student, teacher = self.student, self.teacher
+        if len(self.removed) <= stage:
+            names = {id(m): n for n, m in student.module.named_modules()}
+            self.removed.append([
+                root_of(group, names, self.pruner.DG)
+                for group, _ in prune_groups(self.pruner, student, statistics)
+            ])  # fmt: skip
+            self.pruned_loss = evaluate_loss(student, teacher, probe)
+            self.recovery = None
+            self.checkpoint.save(self.state(), f"stage {stage + 1}/{stages} pruned")
+        macs, params = count(student)
+
+        def keep(state: Any, step: int) -> None:
+            self.checkpoint.keep(lambda: self.state(state()),
+                                 f"stage {stage + 1}/{stages}, step {step} of {share}")  # fmt: skip
+
+        done = _recover(student, teacher, learn, share, f"stage {stage + 1}/{stages}", lr=lr,
+                        resume=self.recovery, keep=keep)  # fmt: skip
+        self.recovery = None
+        self.losses += done.losses
+        self.records.append({
+            "stage": stage + 1, "groups": len(self.removed[stage]), "params": params,
+            "macs_ratio": round(macs / macs0, 4),
+            "loss_after_pruning": round(self.pruned_loss, 5), "steps": share,
+            "loss_after_recovery": round(evaluate_loss(student, teacher, probe), 5),
+        })  # fmt: skip
+        self.checkpoint.save(self.state(), f"stage {stage + 1}/{stages} recovered")
+        print(
+            f"- stage {stage + 1}/{stages}: {params / 1e6:.2f} M parameters, MACs "
+            f"{macs / macs0:.1%}; loss {self.pruned_loss:.4f} after pruning, "
+            f"{self.records[-1]['loss_after_recovery']:.4f} after {share} step(s)",
+            file=sys.stderr,
+        )
 
 
 def distill_model(
@@ -173,8 +268,10 @@ def distill_model(
     data: Path | None = None,
     overwrite: bool = False,
     lr: float = 1e-4,
+    checkpoint_s: float = 60.0,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` (the same head: classes and map layout); write ``out``.
+    An interrupted run resumes from its checkpoint when called again the same way.
 
     Raises:
         FactoryError: bad steps, an existing output, no frames, evaluation images among them,
@@ -194,12 +291,15 @@ def distill_model(
             f"{student_path.name} and {teacher_path.name} have different heads "
             f"({ours} vs {theirs}): distillation needs the same classes and map layout"
         )
+    checkpoint = _checkpoint("distill", out, [teacher_path, student_path], learn, checkpoint_s,
+                             steps=steps, size=size, lr=lr)  # fmt: skip
     record = {
         "teacher": teacher_path.name,
         "teacher_sha256": teacher.source_sha256,
-        **_trained(student, teacher, learn, steps, "distillation", size, lr),
+        **_trained(student, teacher, learn, steps, "distillation", size, lr, checkpoint),
     }
     export(student, out, {"distillation": record})
+    checkpoint.clear()
     return record
 
 
@@ -213,9 +313,11 @@ def qat_model(
     data: Path | None = None,
     overwrite: bool = False,
     lr: float = 1e-5,
+    checkpoint_s: float = 60.0,
 ) -> dict[str, Any]:
     """Quantization-aware fine-tuning of ``model`` (float, pruned or not) for ``target``, with
     distillation from ``model`` itself; writes a QDQ ONNX like ``quantize``'s; returns its record.
+    An interrupted run resumes from its checkpoint when called again the same way.
 
     Raises:
         FactoryError: bad steps, an existing output, no frames, evaluation images among them, a
@@ -230,11 +332,14 @@ def qat_model(
     learn = recovery_frames(frames, data, size)
     teacher = load_detector(model)
     student, record = prepare(teacher, target, learn.batch[:32])
+    checkpoint = _checkpoint("qat", out, [model], learn, checkpoint_s, steps=steps, size=size,
+                             lr=lr, target=target)  # fmt: skip
     record.update(_trained(student, teacher, learn, steps, "quantization-aware training", size,
-                           lr, before_measuring=freeze))  # fmt: skip
+                           lr, checkpoint, before_measuring=freeze))  # fmt: skip
     record["source_sha256"] = teacher.source_sha256
     folded: list[int] = []
     export(student, out, {"quantization": record}, {"precision": "int8", "target": target},
            body_pass=lambda body: folded.append(fold_weight_quantizers(body)))  # fmt: skip
     record["weights_folded"] = folded[0] if folded else 0
+    checkpoint.clear()
     return record

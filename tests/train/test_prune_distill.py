@@ -15,7 +15,14 @@ from agent.config import ModelConfig
 from agent.vision import load_backend, merge_split_head
 from models.optimize.distill import distil, evaluate_loss
 from models.optimize.frames import frame_paths, load_frames
-from models.optimize.prune import block_ratios, prune_groups, pruner_for, zero_group
+from models.optimize.prune import (
+    block_ratios,
+    prune_groups,
+    pruner_for,
+    replay,
+    root_of,
+    zero_group,
+)
 from models.optimize.torch_model import count, export, load_detector
 
 torch.set_num_threads(2)
@@ -47,7 +54,7 @@ def test_the_converted_model_computes_what_onnxruntime_does(teacher, fp32_model)
     assert np.abs(merged[0, 4:] - expected[0, 4:]).max() < 1e-4
 
 
-def test_removing_channels_equals_switching_them_off(teacher):
+def test_removing_channels_equals_switching_them_off(teacher, frames):
     """The dependency graph is exact: every group removed from the pruned model is zeroed in a
     copy of the unpruned one, and both compute the same maps."""
     student = copy.deepcopy(teacher)
@@ -56,9 +63,10 @@ def test_removing_channels_equals_switching_them_off(teacher):
     by_name = dict(zeroed.module.named_modules())
     names = {id(m): n for n, m in student.module.named_modules()}
     groups = 0
-    for group in prune_groups(pruner):
+    for group, changes in prune_groups(pruner, student, frames, reconstruct=False):
         zero_group(group, by_name, names)
         groups += 1
+        assert not changes
     assert groups > 20
     x = torch.from_numpy(image(1, 320))
     with torch.no_grad():
@@ -75,7 +83,7 @@ def test_a_pruned_model_exports_to_onnx_with_its_record_and_runs_like_torch(
 ):
     student = copy.deepcopy(teacher)
     pruner = pruner_for(student, block_ratios(0.3, {"model.2": 2.0, "model.9": 0.5}), 0.3, 8, 1)
-    for _ in prune_groups(pruner):
+    for _ in prune_groups(pruner, student, frames):
         pass
     out = tmp_path / "pruned.onnx"
     export(student, out, {"pruning": {"ratio": 0.3}})
@@ -97,7 +105,7 @@ def test_a_pruned_model_exports_to_onnx_with_its_record_and_runs_like_torch(
 
 def test_twenty_distillation_steps_lower_the_loss(teacher, frames):
     student = copy.deepcopy(teacher)
-    for _ in prune_groups(pruner_for(student, {}, 0.3, 8, 1)):
+    for _ in prune_groups(pruner_for(student, {}, 0.3, 8, 1), student, frames):
         pass
     before = evaluate_loss(student, teacher, frames)
     recovery = distil(student, teacher, frames, 20, batch=2)
@@ -106,11 +114,68 @@ def test_twenty_distillation_steps_lower_the_loss(teacher, frames):
     assert after < 0.8 * before, (before, after)
 
 
-def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path):
+def test_reconstruction_keeps_a_pruned_model_nearer_its_teacher(teacher, frames):
+    """The consumers of removed channels take over what those carried (predicted from the
+    channels that stay): the pruned model strays less from its teacher than without."""
+    losses = {}
+    for reconstruct in (False, True):
+        student = copy.deepcopy(teacher)
+        pruner = pruner_for(student, {}, 0.1, 8, 1)
+        for _ in prune_groups(pruner, student, frames, reconstruct=reconstruct):
+            pass
+        losses[reconstruct] = evaluate_loss(student, teacher, frames)
+    assert losses[True] < 0.7 * losses[False], losses
+
+
+def test_resumed_distillation_ends_where_an_uninterrupted_one_does(teacher, frames):
+    straight = copy.deepcopy(teacher)
+    whole = distil(straight, teacher, frames, 6, batch=2)
+    first, saved = copy.deepcopy(teacher), {}
+
+    def keep(state, step):
+        if step == 3:
+            saved.update(state())
+
+    distil(first, teacher, frames, 3, batch=2, keep=keep)
+    resumed = copy.deepcopy(teacher)  # a fresh process: the weights come from the state
+    rest = distil(resumed, teacher, frames, 6, batch=2, resume=saved)
+    assert len(rest.losses) == 6
+    assert np.allclose(rest.losses, whole.losses, rtol=1e-4), (rest.losses, whole.losses)
+    for a, b in zip(straight.module.parameters(), resumed.module.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_replayed_stage_leaves_the_schedule_where_the_original_run_had_it(teacher, frames):
+    """A resumed pruning rebuilds the stages it had done from their record, and its next stage
+    removes what an uninterrupted run's next stage removes."""
+    straight = copy.deepcopy(teacher)
+    pruner = pruner_for(straight, {}, 0.3, 8, 2)
+    names = {id(m): n for n, m in straight.module.named_modules()}
+    done = [
+        [root_of(group, names, pruner.DG) for group, _ in prune_groups(pruner, straight, frames)]
+    ]
+    resumed = copy.deepcopy(teacher)
+    again = pruner_for(resumed, {}, 0.3, 8, 2)
+    replay(again, done)
+    assert count(resumed) == count(straight)
+    resumed.module.load_state_dict(straight.module.state_dict())  # the checkpoint's weights
+    for _ in prune_groups(pruner, straight, frames):
+        pass
+    for _ in prune_groups(again, resumed, frames):
+        pass
+    assert count(resumed) == count(straight)
+    x = torch.from_numpy(image(3, 320))
+    with torch.no_grad():
+        for a, b in zip(straight.module.eval()(x), resumed.module.eval()(x), strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path, monkeypatch):
     from agent.targets import detect as detect_target
     from models.optimize.chain import optimize
     from models.optimize.frames import frame_paths as paths
 
+    monkeypatch.setenv("EDGE_MODELS_CHECKPOINTS", str(tmp_path / "checkpoints"))
     frames_dir = tmp_path / "frames"
     frames_dir.mkdir()
     for path in paths(shared / "images"):
@@ -128,3 +193,4 @@ def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path
         assert (report / made).is_file(), made
     assert len(data["records"]["prune"]["curve"]) == 2
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    assert not list((tmp_path / "checkpoints").iterdir())  # the stash goes once the report is made
