@@ -85,23 +85,34 @@ class ActivationImportance(tp.importance.Importance):
         return importance
 
 
-def activation_spread(
-    detector: Detector, frames: np.ndarray, batch: int = 8
-) -> dict[str, torch.Tensor]:
+def activation_spread(detector: Detector, frames: np.ndarray) -> dict[str, torch.Tensor]:
     """Per convolution: the standard deviation of each output channel after its SiLU (every
     convolution that may be pruned is followed by one) over every position of ``frames``."""
     sums: dict[str, list] = {}
-    hooks = []
-    for name, conv in detector.names.items():
 
-        def record(module: Any, args: tuple, out: torch.Tensor, name: str = name) -> None:
+    def watch(name: str, conv: torch.nn.Module) -> Any:
+        def record(module: Any, args: tuple, out: torch.Tensor) -> None:
             y = torch.nn.functional.silu(out.detach()).double()
             total = sums.setdefault(name, [0, 0.0, 0.0])
             total[0] += y.numel() // y.shape[1]
             total[1] = total[1] + y.sum(dim=(0, 2, 3))
             total[2] = total[2] + (y * y).sum(dim=(0, 2, 3))
 
-        hooks.append(conv.register_forward_hook(record))
+        return conv.register_forward_hook(record)
+
+    _observe(detector, frames, watch)
+    spread = {}
+    for name, (count, first, second) in sums.items():
+        mean = first / count
+        spread[name] = (second / count - mean * mean).clamp(min=0).sqrt().float()
+    return spread
+
+
+def _observe(detector: Detector, frames: np.ndarray,
+             watch: Callable[[str, torch.nn.Module], Any], batch: int = 8) -> None:  # fmt: skip
+    """Run ``frames`` through ``detector`` in batches with ``watch(name, conv)``'s hook on every
+    convolution; the hooks go afterwards."""
+    hooks = [watch(name, conv) for name, conv in detector.names.items()]
     try:
         with torch.no_grad():
             for i in range(0, len(frames), batch):
@@ -109,11 +120,6 @@ def activation_spread(
     finally:
         for hook in hooks:
             hook.remove()
-    spread = {}
-    for name, (count, first, second) in sums.items():
-        mean = first / count
-        spread[name] = (second / count - mean * mean).clamp(min=0).sqrt().float()
-    return spread
 
 
 class Reconstruction:
@@ -170,15 +176,15 @@ class Reconstruction:
                 self.alive[name] = [c for i, c in enumerate(self.alive[name]) if i not in gone]
 
 
-def input_statistics(detector: Detector, frames: np.ndarray,
-                     batch: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+def input_statistics(
+    detector: Detector, frames: np.ndarray
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per convolution: the mean and covariance of its input channels over every position of
     ``frames`` (float64)."""
     sums: dict[str, list] = {}
-    hooks = []
-    for name, conv in detector.names.items():
 
-        def record(module: Any, args: tuple, name: str = name) -> None:
+    def watch(name: str, conv: torch.nn.Module) -> Any:
+        def record(module: Any, args: tuple) -> None:
             x = args[0].detach().double()
             flat = x.transpose(0, 1).reshape(x.shape[1], -1)
             total = sums.setdefault(name, [0, 0.0, 0.0])
@@ -186,14 +192,9 @@ def input_statistics(detector: Detector, frames: np.ndarray,
             total[1] = total[1] + flat.sum(dim=1)
             total[2] = total[2] + flat @ flat.T
 
-        hooks.append(conv.register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(frames), batch):
-                detector.module.eval()(torch.from_numpy(frames[i : i + batch]))
-    finally:
-        for hook in hooks:
-            hook.remove()
+        return conv.register_forward_pre_hook(record)
+
+    _observe(detector, frames, watch)
     stats = {}
     for name, (count, first, second) in sums.items():
         mean = first / count

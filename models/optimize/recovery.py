@@ -324,6 +324,7 @@ def qat_model(
             model that is not a float YOLOv8 detector, a target this recipe does not cover.
     """
     from models.optimize.qat import fold_weight_quantizers, freeze, prepare
+    from models.quantize import fast_dfl_layout
     from models.recipes import recipe
 
     check_schedule(steps)
@@ -339,7 +340,8 @@ def qat_model(
     record["source_sha256"] = teacher.source_sha256
     folded: list[int] = []
     export(student, out, {"quantization": record}, {"precision": "int8", "target": target},
-           body_pass=lambda body: folded.append(fold_weight_quantizers(body)))  # fmt: skip
+           body_pass=lambda body: folded.append(fold_weight_quantizers(body)),
+           model_pass=fast_dfl_layout)  # fmt: skip
     record["weights_folded"] = folded[0] if folded else 0
     checkpoint.clear()
     return record

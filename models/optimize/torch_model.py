@@ -106,11 +106,13 @@ def export(
     record: dict[str, Any],
     metadata: dict[str, str] | None = None,
     body_pass: Callable[[onnx.ModelProto], Any] | None = None,
+    model_pass: Callable[[onnx.ModelProto], Any] | None = None,
 ) -> None:
     """Write ``out``: the body (rewritten by ``body_pass`` if given) with the source's decode
-    grafted back, the source's metadata, ``metadata`` as given, and ``record`` (each key a JSON
-    string: ``pruning``, ``distillation``...). Written to a temporary file and renamed: an
-    interrupted export leaves nothing."""
+    grafted back (the whole rewritten by ``model_pass`` if given), the source's metadata,
+    ``metadata`` as given, and ``record`` (each key a JSON string: ``pruning``,
+    ``distillation``...). Written to a temporary file and renamed: an interrupted export leaves
+    nothing."""
     module = detector.module.eval()
     example = torch.zeros(1, 3, *detector.imgsz)
     with (
@@ -128,6 +130,8 @@ def export(
         if body_pass is not None:
             body_pass(body)
         model = attach_decode(body, detector.prepared)
+        if model_pass is not None:
+            model_pass(model)
     written = {**detector.metadata, **(metadata or {})}
     written.update({key: json.dumps(value) for key, value in record.items()})
     del model.metadata_props[:]

@@ -41,7 +41,10 @@ def test_qat_exports_a_fused_qdq_model_that_keeps_bus_detections(fp32_model, sha
     assert record["fake_quantizers"] > 150 and record["weights_folded"] >= 60
     ops = fused_ops(out, tmp_path)
     assert ops["QLinearConv"] >= 60 and ops["Conv"] <= 1, ops  # integer convolutions, not float
-    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    written = onnx.load(str(out))
+    softmax = [n for n in written.graph.node if n.op_type == "Softmax"]  # the DFL, as PTQ lays it
+    assert [a.i for n in softmax for a in n.attribute if a.name == "axis"] == [-1]
+    metadata = {p.key: p.value for p in written.metadata_props}
     assert metadata["precision"] == "int8" and metadata["target"] == target
     assert json.loads(metadata["quantization"])["method"] == "qat"
     ours = load_backend("onnxruntime", out, ModelConfig(path=out))
