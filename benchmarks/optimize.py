@@ -1,17 +1,17 @@
 """Model optimisation, before and after, in one run (long: not in CI).
 
 Rows: the shared fp32 model; PTQ (this machine's INT8 recipe); prune + distill (`edge-models
-prune`, 30 % at --round-to 8, --steps of recovery); prune + distill + PTQ; QAT (`edge-models qat`,
---qat-steps of fake-quantized fine-tuning with distillation from fp32). Recovery frames are made
-only from ../shared/images (bus.jpg, zidane.jpg, multiplied into varied crops by
-`calibration-set`), never from coco8, which is evaluation only; `--data coco8` checks that. Each
-row: size, parameters, latency ratio to fp32 and FPS (interleaved on this CPU), mAP50-95 and
+prune`, --ratio (40 %) at --round-to 8 in --stages, --steps of recovery); prune + distill + PTQ;
+QAT (`edge-models qat`, --qat-steps of fake-quantized fine-tuning with distillation from fp32).
+Recovery frames are made only from ../shared/images (bus.jpg, zidane.jpg, multiplied into varied
+crops by `calibration-set`), never from coco8, which is evaluation only; `--data coco8` checks
+that. Each row: size, parameters, latency ratio to fp32 and FPS (interleaved on this CPU), mAP50-95 and
 mAP50 on coco8, agreement with fp32.
 
 Goals on this CPU: prune + distill + INT8 <= 0.4 x fp32 latency; its mAP50-95 drop as small as
 the recovery budget allows, stated with the steps and the hardware.
 
-Usage: python benchmarks/optimize.py [--steps 300] [--qat-steps 100] [--ratio 0.3] [--stages 3]
+Usage: python benchmarks/optimize.py [--steps 300] [--qat-steps 100] [--ratio 0.4] [--stages 3]
        [--rounds 40] [--report DIR]
 """
 
@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--shared", type=Path)
     parser.add_argument("--steps", type=int, default=300, help="recovery steps (300)")
     parser.add_argument("--qat-steps", type=int, default=100, help="QAT steps (100)")
-    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--ratio", type=float, default=0.4, help="pruning ratio (0.4)")
     parser.add_argument("--stages", type=int, default=3, help="pruning stages (3)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--report", type=Path, help="keep the report (and models) here")
