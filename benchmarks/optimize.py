@@ -5,8 +5,8 @@ prune`, --ratio (40 %) at --round-to 8 in --stages, --steps of recovery); prune 
 QAT (`edge-models qat`, --qat-steps of fake-quantized fine-tuning with distillation from fp32).
 Recovery frames are made only from ../shared/images (bus.jpg, zidane.jpg, multiplied into varied
 crops by `calibration-set`), never from coco8, which is evaluation only; `--data coco8` checks
-that. Each row: size, parameters, latency ratio to fp32 and FPS (interleaved on this CPU), mAP50-95 and
-mAP50 on coco8, agreement with fp32.
+that. Each row: size, parameters, latency ratio to fp32 and FPS (interleaved on this CPU),
+mAP50-95 and mAP50 on coco8, agreement with fp32.
 
 Goals on this CPU: prune + distill + INT8 <= 0.4 x fp32 latency; its mAP50-95 drop as small as
 the recovery budget allows, stated with the steps and the hardware.
