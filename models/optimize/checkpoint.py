@@ -32,8 +32,6 @@ import torch
 from models.environments import cache_root
 
 STALE_DAYS = 14
-
-
 FOLDER_VAR = "EDGE_MODELS_CHECKPOINTS"
 
 

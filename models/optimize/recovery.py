@@ -140,19 +140,8 @@ def prune_model(
     check_schedule(steps, stages, round_to)
     refuse_existing(out, overwrite)
     learn = recovery_frames(frames, data, size)
-    checkpoint = _checkpoint(
-        "prune",
-        out,
-        [model],
-        learn,
-        checkpoint_s,
-        ratio=ratio,
-        steps=steps,
-        round_to=round_to,
-        stages=stages,
-        size=size,
-        lr=lr,
-    )
+    checkpoint = _checkpoint("prune", out, [model], learn, checkpoint_s, ratio=ratio, steps=steps,
+                             round_to=round_to, stages=stages, size=size, lr=lr)  # fmt: skip
     saved = checkpoint.resume() or {}
     teacher = load_detector(model)
     student = copy.deepcopy(teacher)
@@ -204,7 +193,7 @@ class _PruneRun:
 
         self.student, self.teacher, self.pruner = student, teacher, pruner
         self.checkpoint, self.sensed = checkpoint, sensed
-        self.removed: list[list[tuple[str, list[int]]]] = saved.get("removed", [])
+        self.removed: list[list[tuple[str, bool, list[int]]]] = saved.get("removed", [])
         self.records: list[dict[str, Any]] = saved.get("stages", [])
         self.losses: list[float] = saved.get("losses", [])
         self.pruned_loss: float | None = saved.get("pruned_loss")
