@@ -435,7 +435,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     record = prune_model(args.model, args.out, args.ratio, args.frames, args.steps, args.round_to,
                          args.stages, args.size, args.data, args.overwrite,
-                         checkpoint_s=args.checkpoint_every)  # fmt: skip
+                         checkpoint_s=args.checkpoint_every, device=args.device)  # fmt: skip
     params0, params1 = record["params"]
     print(
         f"wrote {args.out}: {params0 / 1e6:.2f} M -> {params1 / 1e6:.2f} M parameters, MACs "
@@ -456,7 +456,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     record = distill_model(args.teacher, args.student, args.out, args.frames, args.steps,
                            args.size, args.data, args.overwrite,
-                           checkpoint_s=args.checkpoint_every)  # fmt: skip
+                           checkpoint_s=args.checkpoint_every, device=args.device)  # fmt: skip
     print(f"wrote {args.out}: {record['steps']} step(s), loss {record['loss'][0]} -> "
           f"{record['loss'][1]} ({record['seconds']} s)")  # fmt: skip
     return EXIT_OK
@@ -476,7 +476,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
     from models.optimize.recovery import qat_model
 
     record = qat_model(args.model, args.out, args.frames, args.steps, args.target, args.size,
-                       args.data, args.overwrite, checkpoint_s=args.checkpoint_every)  # fmt: skip
+                       args.data, args.overwrite, checkpoint_s=args.checkpoint_every,
+                       device=args.device)  # fmt: skip
     print(f"wrote {args.out} for {args.target} ({record['scheme']} QDQ by quantization-aware "
           f"training: {record['fake_quantizers']} fake quantizers, {record['steps']} step(s), "
           f"loss {record['loss'][0]} -> {record['loss'][1]})")  # fmt: skip
@@ -502,7 +503,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     optimize(args.model, args.frames, args.data, args.target, args.report, chains, args.ratio,
              args.steps, args.qat_steps, args.size, args.rounds, args.overwrite,
-             args.stages)  # fmt: skip
+             args.stages, args.device)  # fmt: skip
     report = json.loads((args.report / "report.json").read_text())
     markdown = (args.report / "report.md").read_text().splitlines()
     print("\n".join(line for line in markdown if line.startswith("|")))
@@ -547,6 +548,16 @@ def _recovery_arguments(parser: argparse.ArgumentParser) -> None:
         help="save the training state every S seconds (60); the same command run again after "
         "an interruption resumes from it (Ctrl-C once: stop after this step, state saved)",
     )  # fmt: skip
+    _device_argument(parser)
+
+
+def _device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where distillation and QAT train: "
+        "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, cuda:N",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -813,6 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--size", type=int, default=320, help="training input size (320)")
     op.add_argument("--rounds", type=int, default=30, help="latency rounds (30)")
     op.add_argument("--overwrite", action="store_true")
+    _device_argument(op)
     op.set_defaults(func=cmd_optimize)
 
     f = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")

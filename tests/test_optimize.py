@@ -159,6 +159,14 @@ def test_bad_recovery_input_is_one_line_and_writes_nothing(train_python, fp32_mo
         (["--model", tiny, "--frames", shared / "images"], "is not a YOLOv8 detect model"),
         (["--model", fp32_model, "--frames", empty], "holds no images"),
         (["--model", fp32_model, "--frames", overlap, "--data", coco8], "is the evaluation image"),
+        (
+            ["--model", fp32_model, "--frames", shared / "images", "--device", "cuda:99"],
+            "CUDA GPU(s) here",
+        ),
+        (
+            ["--model", fp32_model, "--frames", shared / "images", "--device", "tpu"],
+            "use auto, cpu, cuda or cuda:N",
+        ),
     ]
     for arguments, says in cases:
         result = models_cli("prune", "--ratio", "0.3", "--steps", "1", "--out", out, *arguments)

@@ -73,6 +73,7 @@ def optimize(
     rounds: int = 30,
     overwrite: bool = False,
     stages: int = 3,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Run ``chains`` on ``model`` and write the report folder; returns report.json's content.
 
@@ -85,11 +86,13 @@ def optimize(
     from models.evaluate import evaluate
     from models.kernels import runner_for
     from models.optimize.recovery import recovery_frames
+    from models.optimize.torch_model import training_device
     from models.recipes import recipe
 
     if report.exists() and any(report.iterdir()) and not overwrite:
         raise FactoryError(f"report folder {report} is not empty (pass --overwrite to replace it)")
     settings = recipe(target)
+    training_device(device)  # a device torch does not see is refused before any work
     learn = recovery_frames(frames, data, size)  # refuses evaluation images before any work
     dataset = load_dataset(data)
     stash = _stash(model, learn.paths, data, target, chains, ratio, steps, qat_steps, size, stages)
@@ -97,7 +100,7 @@ def optimize(
     work = Path(tempfile.mkdtemp(prefix=f".{report.name}.partial-", dir=report.parent))
     try:
         made, trained = _models(stash, model, frames, data, target, settings, chains, ratio,
-                                steps, qat_steps, size, stages)  # fmt: skip
+                                steps, qat_steps, size, stages, device)  # fmt: skip
         models_dir = work / "models"
         models_dir.mkdir()
         built = {name: Path(shutil.copy2(path, models_dir / path.name))
@@ -143,7 +146,7 @@ def _stash(model: Path, frames: list[Path], data: Path, target: str, chains: lis
 
 def _models(stash: Path, model: Path, frames: Path, data: Path, target: str, settings: Any,
             chains: list[str], ratio: float, steps: int, qat_steps: int, size: int,
-            stages: int) -> tuple[dict[str, Path], dict[str, Path]]:  # fmt: skip
+            stages: int, device: str) -> tuple[dict[str, Path], dict[str, Path]]:  # fmt: skip
     """The chains' models, each made unless the stash already holds it (written whole), and
     the trained ones (pruned, QAT) whose records the report shows."""
     import sys
@@ -169,7 +172,8 @@ def _models(stash: Path, model: Path, frames: Path, data: Path, target: str, set
         )
     if "prune" in chains or "prune+ptq" in chains:
         pruned = make("prune", stash / "pruned.onnx", lambda out: prune_model(
-            model, out, ratio, frames, steps, stages=stages, size=size, data=data))  # fmt: skip
+            model, out, ratio, frames, steps, stages=stages, size=size, data=data,
+            device=device))  # fmt: skip
         if "prune" in chains:
             built["prune"] = pruned
     if "prune+ptq" in chains and pruned is not None:
@@ -178,7 +182,7 @@ def _models(stash: Path, model: Path, frames: Path, data: Path, target: str, set
                                                        target=target))  # fmt: skip
     if "qat" in chains:
         built["qat"] = make("qat", stash / "qat.onnx", lambda out: qat_model(
-            model, out, frames, qat_steps, target, size, data))  # fmt: skip
+            model, out, frames, qat_steps, target, size, data, device=device))  # fmt: skip
     trained = {"prune": pruned} if pruned is not None else {}
     if "qat" in built:
         trained["qat"] = built["qat"]

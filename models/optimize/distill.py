@@ -74,6 +74,7 @@ def distil(
     progress: Callable[[int, float], None] | None = None,
     resume: dict[str, Any] | None = None,
     keep: Callable[[Callable[[], dict[str, Any]], int], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Recovery:
     """``steps`` of distillation from ``teacher`` into ``student`` on ``frames`` ([N,3,H,W],
     letterboxed, 0..1), at ``imgsz`` (default: the frames' own size; lower is faster on CPU, the
@@ -81,12 +82,26 @@ def distil(
 
     ``keep(state, step)`` is called at every step's end with a function that returns the whole
     training state; ``resume`` is such a state: the run continues from its step as if it had
-    never stopped (weights, optimiser, random generators, losses)."""
+    never stopped (weights, optimiser, random generators, losses). Both models train on
+    ``device`` and are back on the CPU when it returns."""
     generator = random.Random(seed)
     torch.manual_seed(seed)
     images = torch.from_numpy(frames)
     if imgsz is not None and imgsz != images.shape[-1]:
         images = F.interpolate(images, size=(imgsz, imgsz), mode="bilinear", align_corners=False)
+    student.module.to(device)
+    teacher.module.to(device)
+    try:
+        return _train(student, teacher, images, steps, batch, lr, generator, progress, resume,
+                      keep, device)  # fmt: skip
+    finally:
+        student.module.to("cpu").eval()
+        teacher.module.to("cpu")
+
+
+def _train(student: Detector, teacher: Detector, images: torch.Tensor, steps: int, batch: int,
+           lr: float, generator: random.Random, progress: Any, resume: Any, keep: Any,
+           device: Any) -> Recovery:  # fmt: skip
     trainable = [p for p in student.module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)
     record = Recovery(steps)
@@ -104,7 +119,7 @@ def distil(
     started = time.monotonic() - record.seconds
     for step in range(first, steps):
         picks = [generator.randrange(len(images)) for _ in range(min(batch, len(images)))]
-        x = images[picks]
+        x = images[picks].to(device)
         if generator.random() < 0.5:
             x = torch.flip(x, dims=[3])
         with torch.no_grad():
@@ -130,7 +145,6 @@ def distil(
 
             keep(state, done)
     record.seconds = time.monotonic() - started
-    student.module.eval()
     return record
 
 

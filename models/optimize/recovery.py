@@ -23,7 +23,13 @@ from models.optimize.checkpoint import Checkpoint, digest
 from models.optimize.checks import check_ratio, check_schedule
 from models.optimize.distill import Recovery, distil, evaluate_loss
 from models.optimize.frames import frame_paths, load_frames, refuse_overlap
-from models.optimize.torch_model import Detector, count, export, load_detector
+from models.optimize.torch_model import (
+    Detector,
+    count,
+    export,
+    load_detector,
+    training_device,
+)
 from models.outputs import refuse_existing
 
 
@@ -53,7 +59,7 @@ def _curve(losses: list[float], points: int = 200) -> list[float]:
 
 
 def _trained(student: Detector, teacher: Detector, learn: Frames, steps: int, what: str,
-             size: int, lr: float, checkpoint: Checkpoint,
+             size: int, lr: float, checkpoint: Checkpoint, device: Any,
              before_measuring: Any = None) -> dict[str, Any]:  # fmt: skip
     """``steps`` of distillation into ``student``, measured before and after on the same frames,
     resumed from and kept in ``checkpoint``; ``before_measuring(student)`` runs between the
@@ -65,14 +71,14 @@ def _trained(student: Detector, teacher: Detector, learn: Frames, steps: int, wh
         checkpoint.keep(lambda: {"recovery": state()}, f"step {step} of {steps}")
 
     with checkpoint.stoppable():
-        done = _recover(student, teacher, learn, steps, what, lr=lr,
+        done = _recover(student, teacher, learn, steps, what, lr=lr, device=device,
                         resume=saved.get("recovery"), keep=keep)  # fmt: skip
     if before_measuring is not None:
         before_measuring(student)
     after = evaluate_loss(student, teacher, learn.batch[:4])
     return {"steps": steps, "loss": [round(before, 5), round(after, 5)],
             "seconds": round(done.seconds, 1), "curve": _curve(done.losses),
-            **_facts(learn, size)}  # fmt: skip
+            **_facts(learn, size, device)}  # fmt: skip
 
 
 def _checkpoint(command: str, out: Path, sources: list[Path], learn: Frames, every_s: float,
@@ -86,9 +92,10 @@ def _checkpoint(command: str, out: Path, sources: list[Path], learn: Frames, eve
     }, every_s)  # fmt: skip
 
 
-def _facts(learn: Frames, size: int) -> dict[str, Any]:
+def _facts(learn: Frames, size: int, device: Any) -> dict[str, Any]:
     """What every record says about how it learnt."""
-    return {"frames": len(learn.paths), "train_size": size, "torch": torch.__version__}
+    return {"frames": len(learn.paths), "train_size": size, "torch": torch.__version__,
+            "device": str(device)}  # fmt: skip
 
 
 def _bar(total: int, what: str, initial: int = 0) -> Any:
@@ -126,8 +133,10 @@ def prune_model(
     overwrite: bool = False,
     lr: float = 1e-4,
     checkpoint_s: float = 60.0,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Prune ``model`` by ``ratio`` and recover it; write ``out``; returns the pruning record.
+    """Prune ``model`` by ``ratio`` and recover it (the distillation on ``device``, see
+    ``training_device``); write ``out``; returns the pruning record.
     An interrupted run resumes from its checkpoint when called again the same way.
 
     Raises:
@@ -138,6 +147,7 @@ def prune_model(
 
     check_ratio(ratio)
     check_schedule(steps, stages, round_to)
+    where = training_device(device)
     refuse_existing(out, overwrite)
     learn = recovery_frames(frames, data, size)
     checkpoint = _checkpoint("prune", out, [model], learn, checkpoint_s, ratio=ratio, steps=steps,
@@ -155,7 +165,7 @@ def prune_model(
     ratios = block_ratios(ratio, sensed)
     macs0, params0 = count(student)
     pruner = pruner_for(student, ratios, ratio, round_to, stages)
-    run = _PruneRun(student, teacher, pruner, checkpoint, saved, sensed)
+    run = _PruneRun(student, teacher, pruner, checkpoint, saved, sensed, where)
     with checkpoint.stoppable():
         for stage in range(len(run.records), stages):
             share = steps // stages + (1 if stage < steps % stages else 0)
@@ -176,7 +186,7 @@ def prune_model(
         "loss": [round(run.losses[0], 5), round(run.losses[-1], 5)] if run.losses else None,
         "curve": _curve(run.losses),
         "source_sha256": teacher.source_sha256,
-        **_facts(learn, size),
+        **_facts(learn, size, where),
     }
     export(student, out, {"pruning": record})
     checkpoint.clear()
@@ -188,11 +198,12 @@ class _PruneRun:
     each stage removed (by the root convolution's name), the stage records and losses so far."""
 
     def __init__(self, student: Detector, teacher: Detector, pruner: Any,
-                 checkpoint: Checkpoint, saved: dict[str, Any], sensed: dict) -> None:  # fmt: skip
+                 checkpoint: Checkpoint, saved: dict[str, Any], sensed: dict,
+                 device: Any) -> None:  # fmt: skip
         from models.optimize.prune import replay
 
         self.student, self.teacher, self.pruner = student, teacher, pruner
-        self.checkpoint, self.sensed = checkpoint, sensed
+        self.checkpoint, self.sensed, self.device = checkpoint, sensed, device
         self.removed: list[list[tuple[str, bool, list[int]]]] = saved.get("removed", [])
         self.records: list[dict[str, Any]] = saved.get("stages", [])
         self.losses: list[float] = saved.get("losses", [])
@@ -229,7 +240,7 @@ class _PruneRun:
                                  f"stage {stage + 1}/{stages}, step {step} of {share}")  # fmt: skip
 
         done = _recover(student, teacher, learn, share, f"stage {stage + 1}/{stages}", lr=lr,
-                        resume=self.recovery, keep=keep)  # fmt: skip
+                        device=self.device, resume=self.recovery, keep=keep)  # fmt: skip
         self.recovery = None
         self.losses += done.losses
         self.records.append({
@@ -258,6 +269,7 @@ def distill_model(
     overwrite: bool = False,
     lr: float = 1e-4,
     checkpoint_s: float = 60.0,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` (the same head: classes and map layout); write ``out``.
     An interrupted run resumes from its checkpoint when called again the same way.
@@ -268,6 +280,7 @@ def distill_model(
     """
     if steps < 1:
         raise FactoryError("--steps must be >= 1")
+    where = training_device(device)
     refuse_existing(out, overwrite)
     learn = recovery_frames(frames, data, size)
     teacher, student = load_detector(teacher_path), load_detector(student_path)
@@ -285,7 +298,7 @@ def distill_model(
     record = {
         "teacher": teacher_path.name,
         "teacher_sha256": teacher.source_sha256,
-        **_trained(student, teacher, learn, steps, "distillation", size, lr, checkpoint),
+        **_trained(student, teacher, learn, steps, "distillation", size, lr, checkpoint, where),
     }
     export(student, out, {"distillation": record})
     checkpoint.clear()
@@ -303,6 +316,7 @@ def qat_model(
     overwrite: bool = False,
     lr: float = 1e-5,
     checkpoint_s: float = 60.0,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Quantization-aware fine-tuning of ``model`` (float, pruned or not) for ``target``, with
     distillation from ``model`` itself; writes a QDQ ONNX like ``quantize``'s; returns its record.
@@ -318,6 +332,7 @@ def qat_model(
 
     check_schedule(steps)
     recipe(target)  # raises for a target the quantizer does not make (rk3588)
+    where = training_device(device)
     refuse_existing(out, overwrite)
     learn = recovery_frames(frames, data, size)
     teacher = load_detector(model)
@@ -325,7 +340,7 @@ def qat_model(
     checkpoint = _checkpoint("qat", out, [model], learn, checkpoint_s, steps=steps, size=size,
                              lr=lr, target=target)  # fmt: skip
     record.update(_trained(student, teacher, learn, steps, "quantization-aware training", size,
-                           lr, checkpoint, before_measuring=freeze))  # fmt: skip
+                           lr, checkpoint, where, before_measuring=freeze))  # fmt: skip
     record["source_sha256"] = teacher.source_sha256
     folded: list[int] = []
     export(student, out, {"quantization": record}, {"precision": "int8", "target": target},

@@ -79,6 +79,31 @@ def load_detector(path: Path) -> Detector:
     )
 
 
+def training_device(choice: str = "auto") -> torch.device:
+    """Where distillation and QAT train (pruning, statistics and export stay on the CPU):
+    ``auto`` is the first CUDA GPU when torch sees one, else the CPU.
+
+    Raises:
+        FactoryError: not a device name, or a CUDA device torch does not see here.
+    """
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise FactoryError(f"--device {choice!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FactoryError(f"--device {choice!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise FactoryError(
+            f"--device {choice}: torch {torch.__version__} sees "
+            f"{torch.cuda.device_count()} CUDA GPU(s) here; use --device cpu (or auto)"
+        )
+    return device
+
+
 def head_maps(outputs: Any) -> list[torch.Tensor]:
     """The six raw maps of a forward (box, class per level)."""
     return list(outputs)

@@ -13,6 +13,7 @@ import torch
 
 from agent.config import ModelConfig
 from agent.vision import load_backend, merge_split_head
+from models.errors import FactoryError
 from models.optimize.distill import distil, evaluate_loss
 from models.optimize.frames import frame_paths, load_frames
 from models.optimize.prune import (
@@ -23,7 +24,7 @@ from models.optimize.prune import (
     root_of,
     zero_group,
 )
-from models.optimize.torch_model import count, export, load_detector
+from models.optimize.torch_model import count, export, load_detector, training_device
 
 torch.set_num_threads(2)
 
@@ -168,6 +169,13 @@ def test_a_replayed_stage_leaves_the_schedule_where_the_original_run_had_it(teac
     with torch.no_grad():
         for a, b in zip(straight.module.eval()(x), resumed.module.eval()(x), strict=True):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_training_runs_where_torch_sees_a_gpu_and_refuses_one_it_does_not():
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert training_device("cpu").type == "cpu"
+    with pytest.raises(FactoryError, match="CUDA GPU"):
+        training_device("cuda:99")
 
 
 def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path, monkeypatch):
