@@ -133,13 +133,12 @@ def optimize(
 def _stash(model: Path, frames: list[Path], data: Path, target: str, chains: list[str],
            *settings: Any) -> Path:  # fmt: skip
     """Where this very run keeps the models it has made, to take them again after a stop."""
-    import hashlib
+    from models.optimize.checkpoint import checkpoint_folder, run_key
+    from models.optimize.frames import content_hash
 
-    from models.optimize.checkpoint import checkpoint_folder, digest
-
-    what = json.dumps([digest(model), [digest(p) for p in frames], str(data.resolve()), target,
-                       sorted(chains), *settings])  # fmt: skip
-    stash = checkpoint_folder() / f"optimize-{hashlib.sha256(what.encode()).hexdigest()[:24]}"
+    key = run_key([content_hash(model), [content_hash(p) for p in frames], str(data.resolve()),
+                   target, sorted(chains), *settings])  # fmt: skip
+    stash = checkpoint_folder() / f"optimize-{key}"
     stash.mkdir(parents=True, exist_ok=True)
     return stash
 

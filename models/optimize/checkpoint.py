@@ -49,8 +49,7 @@ class Checkpoint:
     """The saved state of one run, found again by what the run is."""
 
     def __init__(self, what: dict[str, Any], every_s: float = 60.0) -> None:
-        text = json.dumps(what, sort_keys=True, default=str)
-        self.key = hashlib.sha256(text.encode()).hexdigest()[:24]
+        self.key = run_key(what)
         self.path = checkpoint_folder() / f"{what.get('command', 'run')}-{self.key}.pt"
         self.every_s = every_s
         self._saved_at = time.monotonic()
@@ -134,5 +133,6 @@ def _forget_stale(folder: Path) -> None:
             pass
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def run_key(what: Any) -> str:
+    """A short name for a run, made from everything that makes it that run (JSON-able)."""
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from models.errors import FactoryError
-from models.optimize.checkpoint import Checkpoint, digest
+from models.optimize.checkpoint import Checkpoint
 from models.optimize.checks import check_ratio, check_schedule
 from models.optimize.distill import Recovery, distil, evaluate_loss
-from models.optimize.frames import frame_paths, load_frames, refuse_overlap
+from models.optimize.frames import content_hash, frame_paths, load_frames, refuse_overlap
 from models.optimize.torch_model import (
     Detector,
     count,
@@ -86,8 +86,9 @@ def _checkpoint(command: str, out: Path, sources: list[Path], learn: Frames, eve
     """The checkpoint of this run: the same command, output, inputs (by content) and settings
     find it again; anything else starts afresh."""
     return Checkpoint({
-        "command": command, "out": str(out.resolve()), "sources": [digest(p) for p in sources],
-        "frames": [digest(p) for p in learn.paths], "settings": settings,
+        "command": command, "out": str(out.resolve()),
+        "sources": [content_hash(p) for p in sources],
+        "frames": [content_hash(p) for p in learn.paths], "settings": settings,
         "torch": torch.__version__,
     }, every_s)  # fmt: skip
 

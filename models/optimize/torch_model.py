@@ -10,7 +10,6 @@ of ours.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
@@ -25,6 +24,7 @@ import torch
 
 from agent.errors import ModelError
 from models.errors import FactoryError
+from models.optimize.frames import content_hash
 from models.optimize.graph import HEAD_NAMES, Prepared, attach_decode, prepare
 from models.outputs import atomic_path
 
@@ -74,7 +74,7 @@ def load_detector(path: Path) -> Detector:
         metadata={p.key: p.value for p in source.metadata_props},
         imgsz=imgsz,
         source=path,
-        source_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        source_sha256=content_hash(path),
         names=convs,
     )
 
