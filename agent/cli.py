@@ -29,9 +29,9 @@ from agent.config import (
     load_config,
     redacted,
 )
-from agent.errors import AgentError, ImageError
+from agent.contract.errors import AgentError, ImageError
+from agent.fleet_screen import add_arguments as add_watch_arguments
 from agent.vision import DetectionParams, Preprocessor, detect_image, load_backend
-from agent.watch import add_arguments as add_watch_arguments
 
 log = logging.getLogger("edge-agent")
 
@@ -109,7 +109,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_target(args: argparse.Namespace) -> int:
-    from agent import targets
+    from agent.contract import targets
 
     detected = targets.detect()
     if args.json:
@@ -199,8 +199,8 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_model_pin(args: argparse.Namespace) -> int:
+    from agent.contract.versions import check_semver
     from agent.updates import file_request
-    from agent.versions import check_semver
 
     version = None if args.clear else args.version
     if version is None and not args.clear:
@@ -222,7 +222,7 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_ota_check(args: argparse.Namespace) -> int:
-    from agent.targets import detect
+    from agent.contract.targets import detect
     from agent.updates import ChannelClient, ModelStore, file_request
 
     config = load_config(args.config)
@@ -611,7 +611,7 @@ def _demo_story(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from agent.watch import run_watch
+    from agent.fleet_screen import run_watch
 
     return run_watch(args)
 

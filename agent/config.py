@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.errors import ConfigError
+from agent.contract.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
 # Variables under the prefix that are not config overrides.

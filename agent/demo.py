@@ -14,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.errors import AgentError
+from agent.contract.errors import AgentError
+from agent.contract.files import atomic_path
 
 DEMO_MODEL = "models/yolov8n-coco-fp32.onnx"
 FRAME_SIZE = (1920, 1080)
@@ -96,20 +97,19 @@ def synthesise_video(
     target = out_dir / f"demo-1080p-{key}.mp4"
     if target.is_file() and target.stat().st_size > 0:
         return target
-    partial = target.with_suffix(".partial.mp4")
-    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps, FRAME_SIZE)
-    if not writer.isOpened():
-        raise AgentError(f"OpenCV cannot write an mp4 video to {partial}")
-    try:
-        for path in images:
-            image = cv2.imread(str(path))
-            if image is None:
-                raise AgentError(f"cannot read demo image {path}")
-            for frame in pan_frames(image, frames_per_image):
-                writer.write(frame)
-    finally:
-        writer.release()
-    partial.replace(target)
+    with atomic_path(target, suffix=".mp4") as partial:  # OpenCV picks the container by name
+        writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps, FRAME_SIZE)
+        if not writer.isOpened():
+            raise AgentError(f"OpenCV cannot write an mp4 video to {partial}")
+        try:
+            for path in images:
+                image = cv2.imread(str(path))
+                if image is None:
+                    raise AgentError(f"cannot read demo image {path}")
+                for frame in pan_frames(image, frames_per_image):
+                    writer.write(frame)
+        finally:
+            writer.release()
     return target
 
 

@@ -31,10 +31,10 @@ import numpy as np
 import yaml
 
 from agent.config import MqttConfig
+from agent.contract.errors import AgentError
 from agent.demo import DEMO_MODEL, cache_dir, demo_images, synthesise_video
-from agent.errors import AgentError
-from agent.link import FleetView
-from agent.watch import Watcher, render
+from agent.fleet_screen import render
+from agent.link import FleetView, Watcher
 
 VERSION = "1.1.0"
 MODEL_LINE = "yolov8n-coco"  # the model line the device follows and the release is published to
@@ -294,7 +294,7 @@ class Story:
         self.check()
         self.work.mkdir(parents=True, exist_ok=True)
         o.out_dir.mkdir(parents=True, exist_ok=True)
-        from agent.targets import detect
+        from agent.contract.targets import detect
 
         target = o.target or detect().target
         self.say(f"target of this machine: {target}; working in {self.work}")

@@ -38,7 +38,7 @@ from common import ROOT, shared_dir_or_exit
 sys.path.insert(0, str(ROOT))
 
 from agent.config import MqttConfig
-from agent.updates.descriptor import in_rollout
+from agent.contract import in_rollout
 from models.golden import record_golden
 from tests.brokers import Mosquitto, Subscriber
 from tests.channel_server import Nginx

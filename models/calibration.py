@@ -14,8 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.vision.preprocess import Preprocessor
-from agent.vision.sources import IMAGE_SUFFIXES
+from agent.vision import IMAGE_SUFFIXES, Preprocessor
 from models.errors import FactoryError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.errors import AgentError
+from agent.contract import AgentError
 from models.errors import FactoryError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE, EXIT_HALTED = 0, 1, 2, 3, 4
@@ -25,7 +25,7 @@ CONVERTED_TARGETS = ("rk3588",)  # publish converts the float ONNX for these, ve
 
 
 def _host_target() -> str:
-    from agent.targets import detect
+    from agent.contract import detect
 
     return detect().target
 
@@ -47,7 +47,7 @@ def _target_for(model: Path, explicit: str | None) -> str:
     """The target to verify and ship ``model`` for: ``--target``, else the one it was made for,
     else this machine's. A model made for other kernels than a target's devices run is refused.
     """
-    from agent import targets
+    from agent.contract import targets
     from models.kernels import known_target
 
     made_for = _made_for(model)
@@ -334,7 +334,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def _auto_rollout(args: argparse.Namespace) -> int:
     """The health-gated controller: 0 while it goes well or is done, EXIT_HALTED on a halt."""
-    from agent.watch import watch_config
+    from agent.link import broker_config
     from models.channel.rollout import RolloutPolicy, parse_steps
     from models.channel.rollout_controller import ControllerSettings, RolloutController
 
@@ -363,7 +363,7 @@ def _auto_rollout(args: argparse.Namespace) -> int:
         not args.no_announce,
         args.egress_mbps,
     )
-    controller = RolloutController(settings, watch_config(args))  # an unknown release stops here
+    controller = RolloutController(settings, broker_config(args))  # an unknown release stops here
     controller.connect(args.timeout, args.wait)  # and an unreachable broker here: nothing signed
     try:
         decision = controller.run(args.interval, args.once)
@@ -561,7 +561,7 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agent.watch import add_broker_arguments
+    from agent.link import add_broker_arguments
 
     parser = argparse.ArgumentParser(
         prog="edge-models",

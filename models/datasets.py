@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cv2
 
-from agent.vision.sources import IMAGE_SUFFIXES
+from agent.vision import IMAGE_SUFFIXES
 from models.errors import FactoryError
 
 

@@ -1,6 +1,6 @@
 """The model factory's user errors share the agent's base, so both CLIs report them the same way."""
 
-from agent.errors import AgentError, ModelError
+from agent.contract import AgentError, ModelError
 
 
 class FactoryError(AgentError):

@@ -23,10 +23,15 @@ import numpy as np
 import onnx
 
 from agent.config import ModelConfig
-from agent.vision.backends import load_backend
-from agent.vision.backends.base import Backend
-from agent.vision.postprocess import Detection, DetectionParams, box_iou, decode
-from agent.vision.preprocess import Preprocessor
+from agent.vision import (
+    Backend,
+    Detection,
+    DetectionParams,
+    Preprocessor,
+    box_iou,
+    decode,
+    load_backend,
+)
 from models.datasets import Dataset
 from models.kernels import KernelRunner
 

@@ -20,10 +20,8 @@ import numpy as np
 import onnx
 
 from agent.config import ModelConfig
-from agent.updates.selftest import GOLDEN_SCHEMA, decode_image
-from agent.vision.backends import load_backend
-from agent.vision.postprocess import DetectionParams, decode
-from agent.vision.preprocess import Preprocessor
+from agent.contract import GOLDEN_SCHEMA, decode_image
+from agent.vision import DetectionParams, Preprocessor, decode, load_backend
 from models.errors import FactoryError
 from models.kernels import KernelRunner
 from models.outputs import atomic_path, refuse_existing

@@ -1,7 +1,7 @@
 """Run a model on the int8 kernels of the target it ships to, here or under emulation.
 
-The same INT8 file computes different numbers on different CPUs (see ``agent.targets``), so the
-gate and the golden set must come from the target's own kernels:
+The same INT8 file computes different numbers on different CPUs (see
+``agent.contract.targets``), so the gate and the golden set must come from the target's own kernels:
 
 - this machine's target: ONNX Runtime in this process (speed is measured too);
 - ``cpu-aarch64`` on another machine: ONNX Runtime's aarch64 build in an arm64 sysroot under
@@ -30,10 +30,9 @@ from typing import Protocol
 
 import numpy as np
 
-from agent import targets
-from agent.targets import Detected
-from agent.updates.kernel_check import cpu_session
-from agent.vision.backends.base import Backend
+from agent.contract import Detected, targets
+from agent.updates import cpu_session
+from agent.vision import Backend
 from models.errors import FactoryError
 
 INFERENCE_SCRIPT = Path(__file__).with_name("emulated_inference.py")
@@ -76,7 +75,7 @@ class NativeRunner:
         if loaded is not None:
             return [loaded.infer(t) for t in tensors]
         from agent.config import ModelConfig
-        from agent.vision.backends import load_backend
+        from agent.vision import load_backend
 
         backend = load_backend("onnxruntime", model, ModelConfig(path=model))
         try:

@@ -2,8 +2,8 @@
 
 The first convolution is where int8 kernels are pushed hardest: raw pixels (0..255 once
 quantized) meet the stem's weights, and that is where x86 kernels without VNNI saturate (see
-``agent.targets``). The probe holds that convolution with its own scales and weights (a few KB)
-and the quantizer of its output, so a device can check its kernels on it
+``agent.contract.targets``). The probe holds that convolution with its own scales and weights (a
+few KB) and the quantizer of its output, so a device can check its kernels on it
 (``agent.updates.kernel_check``) without any tool beyond ONNX Runtime. Found by structure: graph
 input -> QuantizeLinear -> DequantizeLinear -> Conv (weights through DequantizeLinear) ->
 QuantizeLinear.

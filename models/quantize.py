@@ -29,8 +29,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from agent.config import ModelConfig
-from agent.vision.backends import load_backend
-from agent.vision.backends.base import file_digest
+from agent.vision import file_digest, load_backend
 from models.calibration import calibration_images, tensors
 from models.errors import FactoryError, ModelError
 from models.outputs import atomic_path, refuse_existing

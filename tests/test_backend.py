@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from agent.config import ModelConfig
-from agent.errors import BackendUnavailable, ModelError
+from agent.contract.errors import BackendUnavailable, ModelError
 from agent.vision.backends import available_backends, load_backend
 from agent.vision.backends.onnxruntime import resolve_providers
 from tests import models_for_tests

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import env_overrides, load_config
-from agent.errors import ConfigError
+from agent.contract.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

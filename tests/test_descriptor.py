@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.updates.descriptor import (
+from agent.contract.descriptor import (
     INDEX_SCHEMA,
     ChannelFormatError,
     ChannelIndex,
@@ -14,8 +14,8 @@ from agent.updates.descriptor import (
     in_rollout,
     parse,
 )
+from agent.contract.versions import semver_key
 from agent.updates.ota import choose
-from agent.versions import semver_key
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Nothing here depends on this host's ISA except through the target the code detects: where a
 result differs between an AVX2-only and a VNNI host, the expectation is taken from
-``agent.targets.detect()``.
+``agent.contract.targets.detect()``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import pytest
 
-from agent import targets
 from agent.config import ModelConfig
+from agent.contract import targets
 from agent.updates.kernel_check import check_kernels, probe_frames
 from agent.updates.selftest import run_self_test
 from agent.vision.backends import load_backend

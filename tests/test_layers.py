@@ -9,15 +9,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WINGS = ("vision", "service", "link", "updates")
-# rooms every wing may use: they import no wing themselves
-BASE = {
+# rooms every wing may use: they import no wing themselves (the contract is a package of them)
+BASE = {"agent", "agent.config", "agent.failpoints", "agent.contract"}
+# what the factory may import of the agent: the contract and the wings' faces, nothing deeper
+FACTORY_MAY_USE = {
     "agent",
     "agent.config",
-    "agent.errors",
-    "agent.failpoints",
-    "agent.files",
-    "agent.targets",
-    "agent.versions",
+    "agent.contract",
+    "agent.vision",
+    "agent.link",
+    "agent.updates",
+    "agent.service",
 }
 # the lower wings each wing may use (vision and service know nothing of link or updates;
 # link knows nothing of updates)
@@ -39,13 +41,23 @@ def imports(path: Path) -> list[str]:
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append(node.module)
-            if node.module == "agent":  # ``from agent import targets``: the room agent.targets
-                found += [f"agent.{alias.name}" for alias in node.names]
+            if (
+                node.module == "agent"
+            ):  # ``from agent import targets``: the room agent.contract.targets
+                found += [f"agent.{a.name}" for a in node.names if is_module(f"agent.{a.name}")]
     return found
 
 
 def agent_modules() -> list[Path]:
     return sorted((ROOT / "agent").rglob("*.py"))
+
+
+def factory_modules() -> list[Path]:
+    return sorted((ROOT / "models").rglob("*.py"))
+
+
+def in_base(name: str) -> bool:
+    return name in BASE or name.startswith("agent.contract.")
 
 
 def wing_of(name: str) -> str | None:
@@ -77,12 +89,12 @@ def test_a_wing_imports_only_the_base_rooms_and_the_lower_wings(path):
             continue
         other = wing_of(imported)
         if wing is None:
-            if name in BASE and other is not None:
+            if in_base(name) and other is not None:
                 problems.append(f"{imported}: a base room imports no wing")
             continue
         if other == wing:
             continue
-        if other is None and imported not in BASE:
+        if other is None and not in_base(imported):
             problems.append(f"{imported}: a wing may import only {sorted(BASE)} at the top level")
         elif other is not None and other not in MAY_USE[wing]:
             problems.append(f"{imported}: the {wing} wing must not know the {other} wing")
@@ -105,7 +117,35 @@ def test_other_rooms_enter_a_wing_through_its_face(path):
 
 @pytest.mark.parametrize(
     "path",
-    agent_modules() + sorted((ROOT / "models").rglob("*.py")),
+    sorted((ROOT / "agent" / "contract").glob("*.py")),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_the_contract_imports_nothing_of_the_agent_but_itself(path):
+    outside = [
+        imported
+        for imported in imports(path)
+        if imported.split(".")[0] == "agent" and imported != "agent.contract"
+        and not imported.startswith("agent.contract.")
+    ]  # fmt: skip
+    assert not outside, f"{path.name} imports {outside}: the factory could not rely on it alone"
+
+
+@pytest.mark.parametrize("path", factory_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_factory_imports_only_the_contract_and_the_wings_faces(path):
+    deep = [
+        imported
+        for imported in imports(path)
+        if imported.split(".")[0] == "agent" and imported not in FACTORY_MAY_USE
+    ]
+    assert not deep, (
+        f"{module_name(path)} reaches into the agent past its faces: {deep} "
+        f"(allowed: {sorted(FACTORY_MAY_USE)}; see docs/architecture.md)"
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    agent_modules() + factory_modules(),
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_every_module_opens_with_a_docstring_saying_its_job(path):

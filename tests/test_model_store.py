@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import build_config
-from agent.files import write_atomic
+from agent.contract.files import write_atomic
 from agent.updates.model_manager import ModelManager
 from agent.updates.model_store import ModelStore, Probation, SlotRecord, StoreError
 from agent.vision.backends import load_backend

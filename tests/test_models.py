@@ -243,7 +243,7 @@ def test_quantize_refuses_bad_input_and_leaves_nothing_behind(problem, fp32_mode
 def test_quantize_cli_defaults_to_this_machines_recipe_with_a_progress_bar(
     fp32_model, calib, tmp_path
 ):
-    from agent.targets import detect
+    from agent.contract.targets import detect
     from models.quantize import scheme_name
     from models.recipes import recipe
 

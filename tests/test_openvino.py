@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from agent.config import ModelConfig
-from agent.errors import BackendUnavailable, ModelError
+from agent.contract.errors import BackendUnavailable, ModelError
 from agent.vision import load_backend
 from agent.vision.pipeline import ActiveModel
 from tests.conftest import agent_config, run_cli

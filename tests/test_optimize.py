@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from agent.errors import ModelError
+from agent.contract.errors import ModelError
 from models.errors import FactoryError
 from models.optimize.frames import frame_paths, refuse_overlap
 from models.optimize.graph import HEAD_NAMES, attach_decode, prepare

@@ -154,7 +154,7 @@ def _assert_consistent(tmp_path: Path) -> dict:
         if record and record["slot"]:
             path = Path(record["path"])
             assert path.is_file() and path.stat().st_size == record["length"], (key, record)
-    leftovers = [p.name for p in (tmp_path / "state/models").glob(".*.tmp")]
+    leftovers = [p.name for p in (tmp_path / "state/models").glob(".*.partial")]
     assert not leftovers, leftovers
     return state
 

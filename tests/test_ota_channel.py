@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import OtaConfig
-from agent.updates.descriptor import INDEX_TARGET
+from agent.contract.descriptor import INDEX_TARGET
 from agent.updates.ota import ChannelClient, OtaError
 from agent.vision.backends.base import file_digest
 from models.channel.publish import open_repository

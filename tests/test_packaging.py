@@ -92,7 +92,7 @@ def test_dockerfiles_pass_hadolint(dockerfile):
 
 
 def test_service_install_refuses_without_root_and_says_so(monkeypatch):
-    from agent.errors import AgentError
+    from agent.contract.errors import AgentError
     from agent.service import install
 
     monkeypatch.setattr("os.geteuid", lambda: 1000)

@@ -7,7 +7,7 @@ import stat
 import subprocess
 import sys
 
-from agent.updates.descriptor import ChannelIndex
+from agent.contract.descriptor import ChannelIndex
 from models.channel.publish import open_repository
 from tests.conftest import ROOT
 

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.config import ModelConfig
-from agent.errors import BackendUnavailable, ModelError
+from agent.contract.errors import BackendUnavailable, ModelError
 from agent.vision import Preprocessor, load_backend, merge_split_head, npu_input
 from models.convert.split_head import cut_at_head, head_maps
 from tests import models_for_tests
@@ -199,7 +199,7 @@ def _new_channel(tmp_path):
 def test_publish_for_rk3588_ships_the_very_build_its_simulator_gated(
     rknn_python, fp32_model, calib, shared, tmp_path
 ):
-    from agent.targets import for_backend
+    from agent.contract.targets import for_backend
     from agent.updates.ota import choose
     from agent.vision.backends.model_record import read_record
     from models.channel.publish import open_repository

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from agent.contract.descriptor import INDEX_SCHEMA, ChannelIndex, Release, in_rollout
 from agent.link import announce_spread, model_state, status
-from agent.updates.descriptor import INDEX_SCHEMA, ChannelIndex, Release, in_rollout
 from agent.updates.ota import choose
 from models.channel import set_rollout, withdraw
 from models.channel.rollout import (

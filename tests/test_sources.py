@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agent.config import SourceConfig
-from agent.errors import SourceError
+from agent.contract.errors import SourceError
 from agent.vision.sources import LiveSource, backoff_delays, detect_kind, open_source
 from tests.conftest import write_video
 

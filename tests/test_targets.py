@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import targets
-from agent.updates.descriptor import INDEX_SCHEMA, ChannelIndex
+from agent.contract import targets
+from agent.contract.descriptor import INDEX_SCHEMA, ChannelIndex
 from agent.updates.ota import choose
 from tests.conftest import run_cli
 

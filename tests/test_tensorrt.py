@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from agent.config import ModelConfig
-from agent.errors import BackendUnavailable, ModelError
+from agent.contract.errors import BackendUnavailable, ModelError
 from agent.vision import load_backend
 from agent.vision.backends import engine_cache
 from agent.vision.backends.engine_cache import (
@@ -226,7 +226,7 @@ def engine_beside(model, folder, environment=ORIN, payload=b"stand-in plan bytes
 def test_a_device_takes_a_prebuilt_engine_only_on_its_own_tensorrt_and_gpu(
     channel, dynamic_model, golden_set, tmp_path
 ):
-    from agent.updates.descriptor import EngineEnvironment
+    from agent.contract.descriptor import EngineEnvironment
     from tests.channel_server import Nginx
     from tests.test_ota_channel import client_for
 

@@ -16,6 +16,7 @@ from agent.link.outbox import Outbox
 from agent.link.probes import SystemProbes
 from agent.link.session import Link, MqttSink
 from agent.link.telemetry import Telemetry
+from agent.link.watcher import Watcher, WatchError, add_broker_arguments, broker_config, settle
 
 __all__ = [
     "CommandError",
@@ -32,12 +33,17 @@ __all__ = [
     "Outbox",
     "SystemProbes",
     "Telemetry",
+    "WatchError",
     "Watched",
+    "Watcher",
+    "add_broker_arguments",
     "announce_spread",
+    "broker_config",
     "describe_reason",
     "encode",
     "model_ref",
     "model_state",
     "new_client",
+    "settle",
     "status",
 ]

@@ -17,10 +17,10 @@ import cv2
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__
+from agent.contract.versions import SemVer
 from agent.link.commands import CommandError, CommandRouter
 from agent.link.events import Events
 from agent.link.messages import model_ref
-from agent.versions import SemVer
 from agent.vision import Backend, Pipeline, annotate, resolve_classes
 
 

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
-from agent.errors import ConfigError
+from agent.contract.errors import ConfigError
 from agent.link.outbox import Outbox
 
 log = logging.getLogger(__name__)

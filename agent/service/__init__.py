@@ -1,7 +1,7 @@
 """Unattended operation: the watchdog and its escalation ladder, systemd notify, the service unit.
 
-This wing imports only ``agent.config`` and ``agent.errors``; what it supervises (the pipeline,
-the ladder's steps) is handed to it by the wiring in ``agent.runtime``.
+This wing imports only ``agent.config`` and ``agent.contract``; what it supervises (the
+pipeline, the ladder's steps) is handed to it by the wiring in ``agent.runtime``.
 """
 
 from agent.service.install import install, service_status, uninstall

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from agent.errors import AgentError
+from agent.contract.errors import AgentError
 
 UNIT = "edge-agent.service"
 USER = "edge-agent"

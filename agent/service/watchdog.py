@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import WatchdogConfig
+from agent.contract.files import write_atomic
 from agent.service.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,7 @@ class RestartGuard:
         self._times.append(self._clock())
         self._trim()
         if self.path is not None:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(list(self._times)))
-            tmp.replace(self.path)
+            write_atomic(self.path, json.dumps(list(self._times)).encode())
 
     @property
     def recent(self) -> int:
@@ -302,9 +301,7 @@ class Supervisor:
             },
             "escalations": list(self.steps_taken),
         }
-        tmp = self.health_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(self.health_path)
+        write_atomic(self.health_path, json.dumps(record).encode())
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.check_interval_s):

@@ -5,6 +5,7 @@ machinery behind them. This wing imports ``agent.vision`` (it loads and tests mo
 ``agent.link``: it reports through the events object and callbacks the wiring hands it.
 """
 
+from agent.updates.kernel_check import cpu_session
 from agent.updates.live_model import ManagerError, with_identity
 from agent.updates.model_manager import ModelManager, file_request
 from agent.updates.model_store import ModelStore
@@ -17,6 +18,7 @@ __all__ = [
     "ModelManager",
     "ModelStore",
     "OtaError",
+    "cpu_session",
     "file_request",
     "run_self_test",
     "with_identity",

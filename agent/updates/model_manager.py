@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import targets
 from agent.config import AgentConfig
-from agent.files import write_atomic
+from agent.contract import targets
+from agent.contract.descriptor import EngineEnvironment
+from agent.contract.files import write_atomic
 from agent.updates import startup
-from agent.updates.descriptor import EngineEnvironment
 from agent.updates.live_model import LiveModel, ManagerError
 from agent.updates.model_store import ModelStore, SlotRecord, StoreError, StoreState
 from agent.updates.ota import ChannelClient, OtaError, announce_delay, poll_delay

@@ -29,8 +29,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import failpoints
-from agent.errors import AgentError
-from agent.files import fsync_dir, write_atomic
+from agent.contract.errors import AgentError
+from agent.contract.files import fsync_dir, write_atomic
 from agent.vision import file_digest
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
-from agent import __version__, targets
+from agent import __version__
 from agent.config import OtaConfig
-from agent.updates.descriptor import (
+from agent.contract import targets
+from agent.contract.descriptor import (
     INDEX_TARGET,
     ChannelFormatError,
     ChannelIndex,
@@ -39,8 +40,8 @@ from agent.updates.descriptor import (
     in_rollout,
     parse,
 )
+from agent.contract.versions import semver_key
 from agent.updates.fetcher import ChannelFetcher, is_local, local_path
-from agent.versions import semver_key
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,13 @@ refused even where its detections on a few photos still look right.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
-import numpy as np
-
-from agent import targets
+from agent.contract import targets
+from agent.contract.golden import GOLDEN_SCHEMA, decode_image
 from agent.updates.kernel_check import check_kernels
 from agent.vision import Backend, DetectionParams, box_iou, detect_image
-
-GOLDEN_SCHEMA = "edge-agent/golden/v1"
 
 
 @dataclass
@@ -32,14 +27,6 @@ class SelfTestResult:
     recall: float
     reasons: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # for the ota_rejected event
-
-
-def decode_image(entry: dict[str, Any]) -> np.ndarray:
-    data = np.frombuffer(base64.b64decode(entry["jpeg_base64"]), np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"golden image {entry.get('name')!r} cannot be decoded")
-    return image
 
 
 def run_self_test(

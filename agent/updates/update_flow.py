@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import OtaConfig
-from agent.updates.descriptor import EngineEnvironment, ModelDescriptor, parse
+from agent.contract.descriptor import EngineEnvironment, ModelDescriptor, parse
 from agent.updates.live_model import LiveModel, ManagerError, with_identity
 from agent.updates.model_store import SlotRecord, StoreError, StoreState
 from agent.updates.ota import ChannelClient, Offer, OtaError

@@ -1,13 +1,27 @@
 """The detection core: frames in, detections out (sources, letterbox, backends, decode, loop).
 
 The names below are what the other wings and the wiring use; the machinery stays in the modules.
-This wing imports only ``agent.config`` and ``agent.errors``: it knows nothing of MQTT or OTA.
+This wing imports only ``agent.config`` and ``agent.contract``: it knows nothing of MQTT or OTA.
 """
 
 from agent.vision.annotate import annotate
-from agent.vision.backends import Backend, BackendInfo, available_backends, load_backend
-from agent.vision.backends.base import file_digest
+from agent.vision.backends import (
+    Backend,
+    BackendInfo,
+    available_backends,
+    load_backend,
+    tensorrt_toolkit,
+)
+from agent.vision.backends.base import (
+    ONNX_QUANTIZED_OPS,
+    file_digest,
+    parse_imgsz,
+    resolve_detect_head,
+)
+from agent.vision.backends.cuda_memory import open_device as open_cuda_device
+from agent.vision.backends.engine_cache import gpu_slug
 from agent.vision.backends.engine_cache import local_environment as local_engine_environment
+from agent.vision.backends.engine_cache import resolve_precision as resolve_engine_precision
 from agent.vision.backends.engine_cache import subscribe as on_engine_builds
 from agent.vision.pipeline import ActiveModel, Pipeline
 from agent.vision.postprocess import (
@@ -20,12 +34,15 @@ from agent.vision.postprocess import (
 )
 from agent.vision.preprocess import Letterbox, Preprocessor
 from agent.vision.sinks import DETECTIONS, FrameResult, Sink, StdoutSink, build_sinks
-from agent.vision.sources import Frame, FrameSource, open_source
-from agent.vision.split_head import merge_split_head, npu_input
+from agent.vision.sources import IMAGE_SUFFIXES, Frame, FrameSource, open_source
+from agent.vision.split_head import STRIDES, merge_split_head, npu_input
 from agent.vision.stats import ModelStats, PipelineStats
 
 __all__ = [
     "DETECTIONS",
+    "IMAGE_SUFFIXES",
+    "ONNX_QUANTIZED_OPS",
+    "STRIDES",
     "ActiveModel",
     "Backend",
     "BackendInfo",
@@ -48,11 +65,17 @@ __all__ = [
     "decode",
     "detect_image",
     "file_digest",
+    "gpu_slug",
     "load_backend",
     "local_engine_environment",
     "merge_split_head",
     "npu_input",
     "on_engine_builds",
+    "open_cuda_device",
     "open_source",
+    "parse_imgsz",
     "resolve_classes",
+    "resolve_detect_head",
+    "resolve_engine_precision",
+    "tensorrt_toolkit",
 ]

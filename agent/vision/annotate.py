@@ -10,7 +10,7 @@ from typing import Any
 
 import cv2
 
-from agent.errors import ConfigError
+from agent.contract.errors import ConfigError
 from agent.vision.sinks import FrameResult
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from agent.config import DetectionConfig, PipelineConfig
-from agent.errors import SourceError
+from agent.contract.errors import SourceError
 from agent.vision.backends.base import Backend
 from agent.vision.postprocess import DetectionParams, decode
 from agent.vision.preprocess import Letterbox, Preprocessor

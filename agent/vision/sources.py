@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from agent.config import SourceConfig
-from agent.errors import SourceError
+from agent.contract.errors import SourceError
 
 log = logging.getLogger(__name__)
 

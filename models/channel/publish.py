@@ -35,8 +35,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from agent import __version__
-from agent.files import write_atomic
-from agent.updates.descriptor import (
+from agent.contract import (
     DESCRIPTOR_SCHEMA,
     INDEX_SCHEMA,
     INDEX_TARGET,
@@ -45,11 +44,11 @@ from agent.updates.descriptor import (
     ModelDescriptor,
     Release,
     Variant,
+    check_semver,
     parse,
+    write_atomic,
 )
-from agent.versions import check_semver
-from agent.vision.backends.base import BackendInfo
-from agent.vision.backends.engine_cache import gpu_slug
+from agent.vision import BackendInfo, gpu_slug
 from models.channel.keys import ONLINE_ROLES, key_path, load_signer
 from models.errors import FactoryError
 
@@ -196,8 +195,7 @@ def inspect_onnx(path: Path) -> BackendInfo:
     import onnx
     import onnx.shape_inference
 
-    from agent.vision.backends.base import file_digest, resolve_detect_head
-    from agent.vision.backends.onnxruntime import QUANTIZED_OPS
+    from agent.vision import ONNX_QUANTIZED_OPS, file_digest, resolve_detect_head
 
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -214,7 +212,7 @@ def inspect_onnx(path: Path) -> BackendInfo:
     if len(inputs) != 1:
         raise FactoryError(f"{path}: expected one image input, got {len(inputs)}")
     head = resolve_detect_head(path, dims(inputs[0]), [dims(o) for o in graph.output], metadata)
-    precision = "int8" if any(n.op_type in QUANTIZED_OPS for n in graph.node) else "fp32"
+    precision = "int8" if any(n.op_type in ONNX_QUANTIZED_OPS for n in graph.node) else "fp32"
     return BackendInfo(
         backend="onnx",
         provider="",

@@ -22,9 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from agent import targets
-from agent.updates.descriptor import Release, in_rollout
-from agent.versions import semver_key
+from agent.contract import Release, in_rollout, semver_key, targets
 
 ROLLOUT_SCHEMA = "edge-agent/rollout/v1"
 FAILED_RESULTS = ("rolled_back", "rejected")

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import MqttConfig
-from agent.link import FleetView
-from agent.updates.descriptor import Release
-from agent.watch import Watcher
+from agent.contract import Release
+from agent.link import FleetView, Watcher
 from models.channel.publish import open_repository, set_rollout, withdraw
 from models.channel.rollout import (
     Decision,

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import onnx
 
+from agent.contract import write_atomic
 from agent.vision import Preprocessor, merge_split_head
 from models.calibration import calibration_images, tensors
 from models.convert.split_head import cut_at_head
@@ -146,9 +147,7 @@ def convert(
         }
         for path, content in ((out.with_name(out.name + ".json"), json.dumps(record, indent=1)
                                .encode()), (out, data)):  # fmt: skip
-            partial = path.with_name(f".{path.name}.partial")
-            partial.write_bytes(content)
-            partial.replace(path)
+            write_atomic(path, content)
         return Conversion(out, outputs)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference
 
-from agent.errors import ModelError
-from agent.vision.split_head import STRIDES
+from agent.contract import ModelError
+from agent.vision import STRIDES
 from models.quantize import head_postprocess_nodes
 
 

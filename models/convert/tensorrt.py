@@ -28,23 +28,22 @@ def build(model: Path, out: Path, precision: str = "auto", workspace_mb: int = 1
             to run it), or the build failed (TensorRT's reason).
     """
     try:
-        from agent.vision.backends import tensorrt as backend
+        from agent.vision import tensorrt_toolkit
+
+        backend = tensorrt_toolkit()
     except ImportError as exc:
         raise FactoryError(
             f"build-engine needs TensorRT and the GPU the engine is for ({exc}): run it on a "
             "device of the target class (pip install 'edge-agent[tensorrt]' there), or publish "
             "the ONNX alone and let each device build its own engine"
         ) from None
-    from agent.errors import AgentError
-    from agent.files import write_atomic
-    from agent.vision.backends.base import parse_imgsz
-    from agent.vision.backends.cuda_memory import open_device
-    from agent.vision.backends.engine_cache import resolve_precision
+    from agent.contract import AgentError, write_atomic
+    from agent.vision import open_cuda_device, parse_imgsz, resolve_engine_precision
 
     try:
         metadata, quantized = backend.onnx_metadata(model)
-        precision = resolve_precision(precision, quantized, model)
-        gpu = open_device()
+        precision = resolve_engine_precision(precision, quantized, model)
+        gpu = open_cuda_device()
         try:
             with gpu.active(), tempfile.TemporaryDirectory() as work:
                 data = backend.build_engine(model, precision, Path(work) / "timing.cache",

@@ -81,7 +81,7 @@ def optimize(
         FactoryError: an existing report (without ``overwrite``), bad chains or settings, frames
             that are evaluation images, and whatever a step refuses.
     """
-    from agent.targets import detect
+    from agent.contract import detect
     from models.datasets import load_dataset
     from models.evaluate import evaluate
     from models.kernels import runner_for

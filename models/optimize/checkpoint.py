@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from agent.contract import atomic_path
 from models.environments import cache_root
 
 STALE_DAYS = 14
@@ -81,9 +82,8 @@ class Checkpoint:
     def save(self, state: dict[str, Any], where: str) -> None:
         """Written whole or not at all (temporary file, then renamed)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        torch.save({**state, "key": self.key, "where": where}, partial)
-        os.replace(partial, self.path)
+        with atomic_path(self.path) as partial:
+            torch.save({**state, "key": self.key, "where": where}, partial)
         self._saved_at = time.monotonic()
         _forget_stale(self.path.parent)
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from agent.errors import ModelError
+from agent.contract import ModelError
 from models.convert.split_head import head_maps
 from models.quantize import head_postprocess_nodes
 

@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 import torch
 
-from agent.errors import ModelError
+from agent.contract import ModelError
 from models.errors import FactoryError
 from models.optimize.frames import content_hash
 from models.optimize.graph import HEAD_NAMES, Prepared, attach_decode, prepare

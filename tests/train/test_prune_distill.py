@@ -179,7 +179,7 @@ def test_training_runs_where_torch_sees_a_gpu_and_refuses_one_it_does_not():
 
 
 def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path, monkeypatch):
-    from agent.targets import detect as detect_target
+    from agent.contract.targets import detect as detect_target
     from models.optimize.chain import optimize
     from models.optimize.frames import frame_paths as paths
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from agent.config import ModelConfig
-from agent.targets import detect as detect_target
+from agent.contract.targets import detect as detect_target
 from agent.vision import load_backend
 from models.optimize.frames import frame_paths, load_frames
 from models.optimize.qat import prepare

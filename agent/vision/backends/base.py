@@ -17,7 +17,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from agent.errors import BackendUnavailable, ModelError
+from agent.contract.errors import BackendUnavailable, ModelError
+
+# ONNX operators that only a quantized (INT8) graph holds: how both sides tell its precision
+ONNX_QUANTIZED_OPS = ("QuantizeLinear", "ConvInteger", "QLinearConv", "MatMulInteger")
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.errors import BackendUnavailable
+from agent.contract.errors import BackendUnavailable
 
 CUDA_PACKAGES = ("pycuda", "cuda-python")
 

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ModelError
-from agent.files import write_atomic
+from agent.contract.errors import ModelError
+from agent.contract.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ModelError
+from agent.contract.errors import ModelError
 from agent.vision.backends.base import parse_names
 
 

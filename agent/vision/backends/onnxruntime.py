@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from agent.errors import BackendUnavailable, ModelError
+from agent.contract.errors import BackendUnavailable, ModelError
 from agent.vision.backends.base import (
+    ONNX_QUANTIZED_OPS,
     BackendInfo,
     model_identity,
     register,
@@ -21,7 +22,6 @@ from agent.vision.backends.base import (
 log = logging.getLogger(__name__)
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-QUANTIZED_OPS = ("QuantizeLinear", "ConvInteger", "QLinearConv", "MatMulInteger")
 
 
 def resolve_providers(
@@ -62,7 +62,7 @@ def model_precision(path: Path, metadata: dict[str, str], input_dtype: type) -> 
         onnx = None
     if onnx is not None:
         graph = onnx.load(str(path), load_external_data=False).graph
-        if any(node.op_type in QUANTIZED_OPS for node in graph.node):
+        if any(node.op_type in ONNX_QUANTIZED_OPS for node in graph.node):
             return "int8"
     return "fp16" if input_dtype is np.float16 else "fp32"
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from agent.errors import BackendUnavailable, ModelError
+from agent.contract.errors import BackendUnavailable, ModelError
 from agent.vision.backends.base import (
     BackendInfo,
     model_identity,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from rknnlite.api import RKNNLite
 
-from agent.errors import BackendUnavailable, ModelError
+from agent.contract.errors import BackendUnavailable, ModelError
 from agent.vision.backends.base import BackendInfo, register, warm_up
 from agent.vision.backends.model_record import read_record
 from agent.vision.split_head import merge_split_head, npu_input

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import tensorrt as trt
 
-from agent.errors import BackendUnavailable, ModelError
-from agent.files import write_atomic
+from agent.contract.errors import BackendUnavailable, ModelError
+from agent.contract.files import write_atomic
 from agent.vision.backends.base import (
     BackendInfo,
     file_digest,

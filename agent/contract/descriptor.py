@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from agent.updates.selftest import GOLDEN_SCHEMA
-from agent.versions import SemVer
+from agent.contract.golden import GOLDEN_SCHEMA
+from agent.contract.versions import SemVer
 
 INDEX_TARGET = "index.json"
 INDEX_SCHEMA = "edge-agent/channel-index/v1"
