@@ -132,3 +132,28 @@ def run_benchmark(
         + (in_pipeline["postprocess"] or 0),
         "pre_post_isolated": isolated_pre_post(backend, first_frame),
     }
+
+
+def print_bench(report: dict[str, Any]) -> None:
+    model, frame, alone = report["model"], report["source_frame"], report["pre_post_isolated"]
+    print(f"model                 {model['name']} ({model['precision']}, {model['provider']})")
+    print(
+        f"source                {frame['width']}x{frame['height']}, {len(report['rounds'])} rounds"
+    )
+    for i, r in enumerate(report["rounds"], 1):
+        print(
+            f"  round {i}: bare {r['bare']['fps']:.2f} fps, "
+            f"pipeline {r['pipeline']['fps']:.2f} fps, "
+            f"ratio {r['ratio']:.3f}"
+        )
+    print(f"bare inference        {report['bare_inference_fps']:.2f} fps (all rounds)")
+    print(f"pipeline              {report['pipeline_fps']:.2f} fps (all rounds)")
+    print(f"pipeline / bare       {report['pipeline_over_bare']:.3f}")
+    print(
+        f"pre + post p50 alone  {alone['sum_p50_ms']:.2f} ms "
+        f"(pre {alone['preprocess_p50_ms']:.2f}, post {alone['postprocess_p50_ms']:.2f})"
+    )
+    print(f"pre + post p50 in pipeline {report['pre_post_p50_ms_in_pipeline']:.2f} ms")
+    print(
+        "stage p50 ms          " + "  ".join(f"{k} {v}" for k, v in report["stage_p50_ms"].items())
+    )

@@ -109,16 +109,42 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_target(args: argparse.Namespace) -> int:
+    """What this machine is, and the line and target it follows with this config."""
     from agent.contract import targets
 
-    detected = targets.detect()
+    follows = _following(args)
+    runs = targets.preferences(follows.target)
     if args.json:
-        data = {**detected.to_dict(), "runs": targets.preferences(detected.target)}
+        data = {**follows.detected.to_dict(), "follows": follows.to_dict(), "runs": runs}
         print(json.dumps(data, indent=2))
     else:
-        print(detected.describe())
-        print(f"runs models made for: {', '.join(targets.preferences(detected.target))}")
+        print(f"detected: {follows.detected.describe()}")
+        print(f"follows:  {follows.describe()}")
+        print(f"runs models made for: {', '.join(runs)}")
     return EXIT_OK
+
+
+def _following(args: argparse.Namespace) -> Any:
+    """The line and target the device with ``--config`` (or the defaults) follows."""
+    from agent.updates import ModelStore, following
+
+    if getattr(args, "config", None):
+        config = load_config(args.config)
+    else:  # no config: the defaults, and no model to name the line by
+        config = build_config({"model": {"path": "-"}}, "the defaults")
+    folder = config.state_dir / "models"
+    active = ModelStore(folder).state.active if folder.is_dir() else None
+
+    def base_name() -> str | None:
+        if not getattr(args, "config", None):
+            return None
+        try:
+            model = config.model
+            return load_backend(model.backend, model.path, model).info.model_name
+        except AgentError:
+            return None  # no readable base model here: the line stays unnamed
+
+    return following(config, active, base_name)
 
 
 # -- model and ota: talk to the running agent, or edit its state while it is stopped --------------
@@ -188,12 +214,7 @@ def cmd_model_rollback(args: argparse.Namespace) -> int:
     if store.agent_running():
         request = {"reason": "requested with edge-agent model rollback"}
         return _print_result(file_request(store.root, "rollback", request, args.timeout), args.json)
-    with store.locked() as state:
-        if state.previous is None:
-            raise AgentError("there is no previous model to roll back to")
-        previous = state.previous
-        state.swap_to_previous(state.active, "rolled back with edge-agent model rollback", True)
-        store.save()
+    previous = store.roll_back("rolled back with edge-agent model rollback")
     print(f"rolled back to {_describe(previous)}; the agent uses it when it starts")
     return EXIT_OK
 
@@ -214,16 +235,13 @@ def cmd_model_pin(args: argparse.Namespace) -> int:
     if store.agent_running():
         result = file_request(store.root, "pin", {"version": version}, args.timeout)
         return _print_result(result, args.json)
-    with store.locked() as state:
-        state.pin(version)
-        store.save()
+    store.set_pin(version)
     print(f"pinned to {version}" if version else "pin cleared", "(applied when the agent starts)")
     return EXIT_OK
 
 
 def cmd_ota_check(args: argparse.Namespace) -> int:
-    from agent.contract.targets import detect
-    from agent.updates import ChannelClient, ModelStore, file_request
+    from agent.updates import ChannelClient, ModelStore, file_request, following
 
     config = load_config(args.config)
     store = ModelStore(config.state_dir / "models")
@@ -231,10 +249,11 @@ def cmd_ota_check(args: argparse.Namespace) -> int:
         result = file_request(store.root, "check", {"trigger": "cli"}, args.timeout)
         return _print_result(result, args.json)
     state = store.state
-    name = config.ota.model_name or (state.active.name if state.active else None)
-    if name is None:
-        name = load_backend(config.model.backend, config.model.path, config.model).info.model_name
-    target = config.ota.target or detect().target
+    model = config.model
+    follows = following(
+        config, state.active, lambda: load_backend(model.backend, model.path, model).info.model_name
+    )
+    name, target = follows.line, follows.target
     offer = ChannelClient(config.ota, store.root / "tuf", config.device_id).find(
         name, target, state.active.version if state.active else None, state.pinned, state.rejected
     )
@@ -299,7 +318,7 @@ def read_image(path: Path) -> Any:
 
 # -- bench and demo ----------------------------------------------------------------------------
 def _video_source(args: argparse.Namespace, pace: str):
-    from agent.demo import open_demo_source
+    from agent.demo_inputs import open_demo_source
 
     try:
         return open_demo_source(args.source, getattr(args, "shared", None), pace)
@@ -308,7 +327,7 @@ def _video_source(args: argparse.Namespace, pace: str):
 
 
 def _demo_model(args: argparse.Namespace) -> Path:
-    from agent.demo import DEMO_MODEL, require_shared_dir
+    from agent.demo_inputs import DEMO_MODEL, require_shared_dir
 
     if args.model is not None:
         return args.model
@@ -319,7 +338,7 @@ def _demo_model(args: argparse.Namespace) -> Path:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.bench import run_benchmark
+    from agent.bench import print_bench, run_benchmark
 
     backend = load_backend("onnxruntime", args.model, _model_options(args))
     _video_source(args, pace="fast").close()  # fail early; also builds the cached demo video
@@ -331,31 +350,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print_bench(report)
     return EXIT_OK
-
-
-def print_bench(report: dict[str, Any]) -> None:
-    model, frame, alone = report["model"], report["source_frame"], report["pre_post_isolated"]
-    print(f"model                 {model['name']} ({model['precision']}, {model['provider']})")
-    print(
-        f"source                {frame['width']}x{frame['height']}, {len(report['rounds'])} rounds"
-    )
-    for i, r in enumerate(report["rounds"], 1):
-        print(
-            f"  round {i}: bare {r['bare']['fps']:.2f} fps, "
-            f"pipeline {r['pipeline']['fps']:.2f} fps, "
-            f"ratio {r['ratio']:.3f}"
-        )
-    print(f"bare inference        {report['bare_inference_fps']:.2f} fps (all rounds)")
-    print(f"pipeline              {report['pipeline_fps']:.2f} fps (all rounds)")
-    print(f"pipeline / bare       {report['pipeline_over_bare']:.3f}")
-    print(
-        f"pre + post p50 alone  {alone['sum_p50_ms']:.2f} ms "
-        f"(pre {alone['preprocess_p50_ms']:.2f}, post {alone['postprocess_p50_ms']:.2f})"
-    )
-    print(f"pre + post p50 in pipeline {report['pre_post_p50_ms_in_pipeline']:.2f} ms")
-    print(
-        "stage p50 ms          " + "  ".join(f"{k} {v}" for k, v in report["stage_p50_ms"].items())
-    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -540,8 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(func=cmd_health)
 
     target = sub.add_parser(
-        "target", help="this machine's deployment target and the CPU features it rests on"
+        "target",
+        help="this machine's deployment target, the CPU features it rests on, and the model line "
+        "and target this device follows (with --config: as that config makes it)",
     )
+    target.add_argument("-c", "--config", type=Path, help="the agent's config (default: defaults)")
     target.add_argument("--json", action="store_true")
     target.set_defaults(func=cmd_target)
 
@@ -589,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_story(args: argparse.Namespace) -> int:
-    from agent.demo import require_shared_dir
-    from agent.demo_story import StoryOptions, run
+    from agent.demo_inputs import require_shared_dir
+    from agent_demo import StoryOptions, run
 
     _setup_logging("WARNING")
     try:

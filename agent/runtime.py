@@ -16,6 +16,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, apply_live, load_config
+from agent.ladder import RecoveryLadder
 from agent.link import (
     CommandHandlers,
     Events,
@@ -25,7 +26,6 @@ from agent.link import (
     model_ref,
 )
 from agent.loading import ModelLoader
-from agent.recovery import RecoveryLadder
 from agent.service import Notifier, Supervisor
 from agent.updates import ModelManager
 from agent.vision import (

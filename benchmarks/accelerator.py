@@ -29,7 +29,7 @@ from common import shared_dir_or_exit
 from agent.bench import run_benchmark
 from agent.config import ModelConfig
 from agent.contract import AgentError
-from agent.demo import DEMO_MODEL, open_demo_source
+from agent.demo_inputs import DEMO_MODEL, open_demo_source
 from agent.vision.backends import load_backend
 
 CPU_STAGES = ("capture", "preprocess", "postprocess")

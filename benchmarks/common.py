@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from agent.demo import require_shared_dir
+from agent.demo_inputs import require_shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

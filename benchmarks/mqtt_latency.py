@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import shared_dir_or_exit
 
 from agent.config import ModelConfig, build_config
-from agent.demo import DEMO_MODEL, open_demo_source
+from agent.demo_inputs import DEMO_MODEL, open_demo_source
 from agent.link import MqttSink
 from agent.runtime import Agent
 from agent.vision.backends import load_backend

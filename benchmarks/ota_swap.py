@@ -28,7 +28,7 @@ from common import ROOT, shared_dir_or_exit
 sys.path.insert(0, str(ROOT))
 
 from agent.config import build_config
-from agent.demo import synthesise_video
+from agent.demo_inputs import synthesise_video
 from agent.runtime import Agent
 from models.golden import record_golden
 from tests.channel_server import Nginx

@@ -15,10 +15,9 @@ from pathlib import Path
 
 from common import shared_dir_or_exit
 
-from agent.bench import run_benchmark
-from agent.cli import print_bench
+from agent.bench import print_bench, run_benchmark
 from agent.config import ModelConfig
-from agent.demo import DEMO_MODEL, open_demo_source
+from agent.demo_inputs import DEMO_MODEL, open_demo_source
 from agent.vision.backends import load_backend
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from common import shared_dir_or_exit
 
 from agent.contract import detect
-from agent.demo import DEMO_MODEL
+from agent.demo_inputs import DEMO_MODEL
 from models.calibration import synthesise
 from models.datasets import load_dataset
 from models.evaluate import evaluate

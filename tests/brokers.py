@@ -1,11 +1,9 @@
-"""Real Mosquitto brokers on free loopback ports, with their own config, started by the tests."""
+"""Brokers for the tests: the real Mosquitto the demo also uses (``demo.services``), TLS
+certificates made at test time, and a subscriber that records what arrives."""
 
 from __future__ import annotations
 
-import getpass
 import json
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -15,22 +13,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from agent_demo.services import Mosquitto, TlsFiles, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class TlsFiles:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
+__all__ = ["Mosquitto", "Received", "Subscriber", "TlsFiles", "free_port", "make_certificates"]
 
 
 def make_certificates(folder: Path) -> TlsFiles:
@@ -93,83 +78,6 @@ def make_certificates(folder: Path) -> TlsFiles:
         folder / "client.crt",
         folder / "client.key",
     )
-
-
-class Mosquitto:
-    """One broker process; ``stop``/``start`` keep the port so clients can come back to it."""
-
-    def __init__(
-        self,
-        folder: Path,
-        users: dict[str, str] | None = None,
-        acl: str | None = None,
-        tls: TlsFiles | None = None,
-        persistence: bool = False,
-        sys_interval_s: int = 10,
-    ) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-        lines = [
-            f"user {getpass.getuser()}",
-            f"listener {self.port} 127.0.0.1",
-            f"allow_anonymous {'false' if users else 'true'}",
-            f"log_dest file {folder / 'mosquitto.log'}",
-            "log_type all",
-            f"persistence {'true' if persistence else 'false'}",
-            f"persistence_location {folder}/",
-            "max_queued_messages 100000",
-            f"sys_interval {sys_interval_s}",  # $SYS statistics (mosquitto's default: 10 s)
-        ]
-        if users:
-            passwords = folder / "passwords"
-            passwords.write_text("")
-            for user, password in users.items():
-                subprocess.run(
-                    ["mosquitto_passwd", "-b", str(passwords), user, password],
-                    check=True,
-                    capture_output=True,
-                )
-            lines.append(f"password_file {passwords}")
-        if acl is not None:
-            (folder / "acl").write_text(acl)
-            lines.append(f"acl_file {folder / 'acl'}")
-        if tls is not None:
-            lines += [
-                f"cafile {tls.ca}",
-                f"certfile {tls.server_cert}",
-                f"keyfile {tls.server_key}",
-                "require_certificate true",
-                "use_identity_as_username false",
-            ]
-        self.config = folder / "mosquitto.conf"
-        self.config.write_text("\n".join(lines) + "\n")
-
-    def start(self) -> Mosquitto:
-        self.process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().decode()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def log(self) -> str:
-        path = self.folder / "mosquitto.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
 
 @dataclass

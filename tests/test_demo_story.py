@@ -6,7 +6,7 @@ import json
 
 import cv2
 
-from agent.demo_story import DEVICE, PREFIX, VERSION, Recorder, StoryOptions, phase_figures, run
+from agent_demo.story import DEVICE, PREFIX, VERSION, Recorder, StoryOptions, phase_figures, run
 from tests.brokers import Subscriber
 
 

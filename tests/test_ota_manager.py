@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import build_config
-from agent.demo import synthesise_video
+from agent.demo_inputs import synthesise_video
 from agent.runtime import Agent
 from models.channel.publish import open_repository
 from tests import models_for_tests

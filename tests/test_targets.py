@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import OtaConfig, build_config
 from agent.contract import targets
 from agent.contract.descriptor import INDEX_SCHEMA, ChannelIndex
+from agent.updates import followed_target, following
 from agent.updates.ota import choose
 from tests.conftest import run_cli
 
@@ -129,9 +131,48 @@ def test_a_vnni_device_prefers_its_own_variant_and_falls_back_to_plain_x86():
     assert target == "cpu-x86_64"
 
 
-def test_edge_agent_target_prints_what_it_detected():
+def test_edge_agent_target_prints_what_it_detected_and_what_the_device_follows(tmp_path):
     text = run_cli("target")
-    assert text.returncode == 0 and text.stdout.startswith(targets.detect().target)
+    assert text.returncode == 0 and text.stdout.startswith(f"detected: {targets.detect().target}")
     data = json.loads(run_cli("target", "--json").stdout)
     assert data["target"] == targets.detect().target
     assert data["runs"] == targets.preferences(data["target"])
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"model: {{path: {tmp_path / 'absent.onnx'}}}\nstate_dir: {tmp_path / 'state'}\n"
+        "ota: {model_name: shop-door, target: cpu-aarch64, channel_name: beta}\n"
+    )
+    followed = json.loads(run_cli("target", "-c", str(config), "--json").stdout)
+    assert followed["follows"] == {"line": "shop-door", "target": "cpu-aarch64", "channel": "beta"}
+    assert followed["runs"] == ["cpu-aarch64"]
+    assert "follows:  shop-door for cpu-aarch64" in run_cli("target", "-c", str(config)).stdout
+
+
+RK3588 = targets.Detected("rk3588", "aarch64", "Cortex-A76", ("asimd",), ("rknpu",))
+
+
+@pytest.mark.parametrize(
+    ("backend", "explicit", "expected"),
+    [("rknn", None, "rk3588"), ("onnxruntime", None, "cpu-aarch64"), ("rknn", "cpu-aarch64",
+     "cpu-aarch64")],
+    ids=["npu-backend", "cpu-backend-on-the-npu-board", "configured"],
+)  # fmt: skip
+def test_the_followed_target_is_the_detected_one_as_the_backend_runs_it(
+    backend, explicit, expected
+):
+    ota = OtaConfig(target=explicit)
+    assert followed_target(ota, backend, RK3588) == expected
+
+
+def test_the_followed_line_is_the_configured_one_else_the_active_slots_else_the_base_models():
+    from agent.updates.model_store import SlotRecord
+
+    def config(**ota):
+        return build_config({"model": {"path": "m.onnx", "backend": "rknn"}, "ota": ota})
+
+    slot = SlotRecord(slot="a", path="/x", name="from-slot", version="1.0.0")
+    base = lambda: "from-base"  # noqa: E731
+    assert following(config(model_name="named"), slot, base, RK3588).line == "named"
+    assert following(config(), slot, base, RK3588).line == "from-slot"
+    assert following(config(), None, base, RK3588).line == "from-base"
+    assert following(config(), None, base, RK3588).target == "rk3588"

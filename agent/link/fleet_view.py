@@ -36,7 +36,10 @@ class DeviceView:
         outcome = ota.get("last_outcome") or {}
         if outcome.get("result"):
             return f"{outcome['result']} {outcome.get('version') or ''}".strip()
-        return "-" if not ota else "following"
+        if not ota:
+            return "-"
+        line, target = ota.get("model_name"), ota.get("target")  # ``agent.updates.following``
+        return f"following {line} for {target}" if line and target else "following"
 
     def row(self) -> dict[str, Any]:
         """The figures one line of ``watch`` shows, flat and JSON-ready."""

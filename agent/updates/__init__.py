@@ -5,6 +5,7 @@ machinery behind them. This wing imports ``agent.vision`` (it loads and tests mo
 ``agent.link``: it reports through the events object and callbacks the wiring hands it.
 """
 
+from agent.updates.following import Following, followed_target, following
 from agent.updates.kernel_check import cpu_session
 from agent.updates.live_model import ManagerError, with_identity
 from agent.updates.model_manager import ModelManager, file_request
@@ -14,12 +15,15 @@ from agent.updates.selftest import run_self_test
 
 __all__ = [
     "ChannelClient",
+    "Following",
     "ManagerError",
     "ModelManager",
     "ModelStore",
     "OtaError",
     "cpu_session",
     "file_request",
+    "followed_target",
+    "following",
     "run_self_test",
     "with_identity",
 ]

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.contract import targets
 from agent.contract.descriptor import EngineEnvironment
 from agent.contract.files import write_atomic
 from agent.updates import startup
+from agent.updates.following import followed_target
 from agent.updates.live_model import LiveModel, ManagerError
 from agent.updates.model_store import ModelStore, SlotRecord, StoreError, StoreState
 from agent.updates.ota import ChannelClient, OtaError, announce_delay, poll_delay
@@ -66,9 +66,7 @@ class ModelManager:
         self.events = events
         self.store = store or ModelStore(config.state_dir / "models")
         self.client = ChannelClient(config.ota, self.store.root / "tuf", config.device_id)
-        self.target = config.ota.target or targets.for_backend(
-            targets.detect().target, config.model.backend
-        )
+        self.target = followed_target(config.ota, config.model.backend)
         self.live = LiveModel(config.ota, self.store, events, loader)
         self.flow = UpdateFlow(
             config.ota, self.client, self.live, self.target, engine_environment(config)

@@ -185,6 +185,28 @@ class ModelStore:
             return False
 
     # -- slots -----------------------------------------------------------------------------------
+    # -- edits of a stopped agent's state (``edge-agent model rollback / pin``) ---------------
+    def roll_back(self, reason: str) -> SlotRecord:
+        """Make the previous model active (the current one rejected), for the next start;
+        returns the model rolled back to.
+
+        Raises:
+            StoreError: there is no previous model.
+        """
+        with self.locked() as state:
+            if state.previous is None:
+                raise StoreError("there is no previous model to roll back to")
+            previous = state.previous
+            state.swap_to_previous(state.active, reason, True)
+            self.save()
+        return previous
+
+    def set_pin(self, version: str | None) -> None:
+        """Follow exactly ``version`` from the next start (None: follow the newest again)."""
+        with self.locked() as state:
+            state.pin(version)
+            self.save()
+
     def free_slot(self) -> str:
         used = {r.slot for r in (self.state.active, self.state.previous, self.state.staged) if r}
         return next(name for name in SLOT_NAMES if name not in used)

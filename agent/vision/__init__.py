@@ -33,7 +33,8 @@ from agent.vision.postprocess import (
     resolve_classes,
 )
 from agent.vision.preprocess import Letterbox, Preprocessor
-from agent.vision.sinks import DETECTIONS, FrameResult, Sink, StdoutSink, build_sinks
+from agent.vision.result import DETECTIONS, FrameResult
+from agent.vision.sinks import Sink, StdoutSink, build_sinks
 from agent.vision.sources import IMAGE_SUFFIXES, Frame, FrameSource, open_source
 from agent.vision.split_head import STRIDES, merge_split_head, npu_input
 from agent.vision.stats import ModelStats, PipelineStats

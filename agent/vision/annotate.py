@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 
 from agent.contract.errors import ConfigError
-from agent.vision.sinks import FrameResult
+from agent.vision.result import FrameResult
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from agent.contract.errors import SourceError
 from agent.vision.backends.base import Backend
 from agent.vision.postprocess import DetectionParams, decode
 from agent.vision.preprocess import Letterbox, Preprocessor
-from agent.vision.sinks import FrameResult, Sink
+from agent.vision.result import FrameResult
+from agent.vision.sinks import Sink
 from agent.vision.sources import Frame, FrameSource
 from agent.vision.stats import PipelineStats
 

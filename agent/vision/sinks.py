@@ -1,4 +1,4 @@
-"""Where results go: stdout and JSON-lines sinks, and the detections record every sink writes.
+"""Where results go: stdout, JSON-lines and annotated-video sinks, built from the config.
 
 A sink gets every ``FrameResult`` on the postprocess thread and must be quick; a sink that talks
 to the network (MQTT, in the link wing) hands the message to its own queue and returns."""
@@ -8,39 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Protocol, TextIO
 
 from agent.config import SinksConfig
-from agent.vision.backends.base import BackendInfo
+from agent.vision.annotate import VideoSink
 from agent.vision.postprocess import Detection
-from agent.vision.sources import Frame
+from agent.vision.result import FrameResult
 
 log = logging.getLogger(__name__)
-
-DETECTIONS = "edge-agent/detections/v1"  # schema id of a detections record, on every sink
-
-
-@dataclass(slots=True)
-class FrameResult:
-    frame: Frame
-    model: BackendInfo
-    detections: list[Detection]
-    latency_ms: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        height, width = self.frame.image.shape[:2]
-        return {
-            "schema": DETECTIONS,
-            "frame_id": self.frame.frame_id,
-            "timestamp": round(self.frame.timestamp, 6),
-            "source": self.frame.source,
-            "model": {"name": self.model.model_name, "version": self.model.model_version},
-            "image": {"width": width, "height": height},
-            "detections": [d.to_dict() for d in self.detections],
-            "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()},
-        }
 
 
 class Sink(Protocol):
@@ -93,7 +69,5 @@ def build_sinks(config: SinksConfig) -> list[Sink]:
     if config.jsonl is not None:
         sinks.append(JsonlSink(config.jsonl))
     if config.video is not None:
-        from agent.vision.annotate import VideoSink  # annotate builds on this module
-
         sinks.append(VideoSink(config.video, config.video_width, config.video_fps))
     return sinks

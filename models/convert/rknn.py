@@ -210,3 +210,35 @@ def _run_worker(python: Path, job: dict[str, Any]) -> dict[str, Any]:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise FactoryError(f"the RKNN conversion environment failed: {tail[0][:400]}")
     return json.loads(lines[-1])
+
+
+def convert_and_compare(
+    model: Path, calib: Path, out: Path, data: Path | None, full_graph: bool, label: str
+) -> tuple[Conversion, list[dict[str, Any]]]:
+    """Convert ``model`` to ``out``; with ``data``, the float model's mAP on ONNX Runtime beside
+    the converted build's on the simulator (same letterboxed images), one row each."""
+    from agent.config import ModelConfig
+    from agent.vision import load_backend
+    from models.datasets import load_dataset
+    from models.evaluate import letterboxed, outputs_map
+
+    reference = load_backend("onnxruntime", model, ModelConfig(path=model))
+    try:
+        dataset = load_dataset(data) if data is not None else None
+        items = letterboxed(reference, dataset) if dataset is not None else []
+        tensors = [tensor for tensor, _ in items]
+        done = convert(model, calib, out, tensors, full_graph, reference.info.imgsz)
+        rows = []
+        if dataset is not None:
+            boxes = [box for _, box in items]
+            for name, runtime, outputs in (
+                (model.name, "onnxruntime fp32", [reference.infer(t) for t in tensors]),
+                (out.name, f"{label} int8 (rknn-toolkit2 simulator)", done.outputs),
+            ):
+                map50_95, map50 = outputs_map(dataset, outputs, boxes, reference.info.class_names)
+                rows.append(
+                    {"model": name, "runtime": runtime, "map50_95": map50_95, "map50": map50}
+                )
+    finally:
+        reference.close()
+    return done, rows

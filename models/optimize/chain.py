@@ -85,7 +85,7 @@ def optimize(
     from models.datasets import load_dataset
     from models.evaluate import evaluate
     from models.kernels import runner_for
-    from models.optimize.recovery import recovery_frames
+    from models.optimize.runs import recovery_frames
     from models.optimize.torch_model import training_device
     from models.recipes import recipe
 
@@ -150,7 +150,7 @@ def _models(stash: Path, model: Path, frames: Path, data: Path, target: str, set
     the trained ones (pruned, QAT) whose records the report shows."""
     import sys
 
-    from models.optimize.recovery import prune_model, qat_model
+    from models.optimize.runs import prune_model, qat_model
     from models.quantize import quantize
 
     built: dict[str, Path] = {}

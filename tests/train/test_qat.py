@@ -18,7 +18,7 @@ from agent.contract.targets import detect as detect_target
 from agent.vision import load_backend
 from models.optimize.frames import frame_paths, load_frames
 from models.optimize.qat import prepare
-from models.optimize.recovery import qat_model
+from models.optimize.runs import qat_model
 from models.optimize.torch_model import load_detector
 from tests.reference import iou
 from tests.test_detection_reference import detect

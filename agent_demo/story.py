@@ -1,10 +1,12 @@
 """The demo's story: broker, signed channel, agent on float, INT8 over the air, before/after.
 
-Everything is real and local: a mosquitto on a free loopback port, a file:// TUF channel with
-fresh keys, the agent as its own process on a camera-paced 1080p clip, the factory (``edge-models``,
-run as child processes: the agent never imports it) quantizing for this machine's target and
-publishing. Every figure in the summary comes from the MQTT topics a subscriber receives. Ctrl-C
-(or any failure) stops every process the story started.
+Everything is real and local: a mosquitto on a free loopback port (``agent_demo.services``, the
+broker the tests start too), a file:// TUF channel with fresh keys, the agent as its own process
+on a camera-paced 1080p clip, and the factory's Python API (``models.release``, quantize,
+evaluate) quantizing for this machine's target and publishing. This package sits outside the
+daemon: the agent never imports the factory; the showcase uses both. Every figure in the summary
+comes from the MQTT topics a subscriber receives. Ctrl-C (or any failure) stops every process the
+story started.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ import importlib.util
 import itertools
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,10 @@ import yaml
 
 from agent.config import MqttConfig
 from agent.contract.errors import AgentError
-from agent.demo import DEMO_MODEL, cache_dir, demo_images, synthesise_video
+from agent.demo_inputs import DEMO_MODEL, cache_dir, demo_images, synthesise_video
 from agent.fleet_screen import render
 from agent.link import FleetView, Watcher
+from agent_demo.services import Mosquitto, mosquitto_binary
 
 VERSION = "1.1.0"
 MODEL_LINE = "yolov8n-coco"  # the model line the device follows and the release is published to
@@ -133,12 +135,13 @@ class Story:
         self.work = options.work_dir or cache_dir() / "demo" / time.strftime("run-%Y%m%d-%H%M%S")
         self.recorder = Recorder()
         self.watcher: Watcher | None = None
+        self.broker: Mosquitto | None = None
 
     # -- the parts ----------------------------------------------------------------------------
     def check(self) -> None:
         if not (self.o.shared / DEMO_MODEL).is_file():
             raise StoryError(f"the demo needs {self.o.shared / DEMO_MODEL} (the shared data)")
-        if self.o.broker is None and mosquitto() is None:
+        if self.o.broker is None and mosquitto_binary() is None:
             raise StoryError(
                 "the demo needs mosquitto (Debian: apt-get install mosquitto; scripts/demo.sh "
                 "installs it), or run the file-only demo: edge-agent demo --no-services"
@@ -149,14 +152,13 @@ class Story:
                 "(scripts/demo.sh does), or run: edge-agent demo --no-services"
             )
 
-    def factory(self, *args: str, what: str, timeout: float = 900) -> str:
-        """Run ``edge-models`` as a user would; its failure ends the story with its message."""
-        command = [sys.executable, "-m", "models.cli", *args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            raise StoryError(f"{what} failed: {' | '.join(tail)}")
-        return result.stdout
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """A factory step; its failure ends the story with what failed and why."""
+        try:
+            yield
+        except AgentError as exc:
+            raise StoryError(f"{what} failed: {exc}") from None
 
     def int8_model(self, target: str) -> Path:
         if self.o.int8 is not None:
@@ -169,54 +171,31 @@ class Story:
             return cached
         calib = cache_dir() / "demo" / f"calibration-{key}"
         if not calib.is_dir():
-            images = [str(p) for p in sorted((self.o.shared / "images").glob("*.jpg"))]
-            self.factory(
-                "calibration-set", "--images", *images, "--out", str(calib), what="calibration set"
-            )
+            from models.calibration import synthesise
+
+            with self.step("calibration set"):
+                synthesise(sorted((self.o.shared / "images").glob("*.jpg")), calib)
         self.say(f"quantizing the float model for {target} (once; about a minute on 2 cores)")
-        self.factory(
-            "quantize",
-            "--model",
-            str(fp32),
-            "--calib",
-            str(calib),
-            "--target",
-            target,
-            "--out",
-            str(cached),
-            "--quiet",
-            what="quantize",
-        )
+        from models.quantize import quantize
+        from models.recipes import recipe
+
+        with self.step("quantize"):
+            quantize(fp32, calib, cached, recipe(target), progress=False, target=target)
         return cached
 
     def start_broker(self) -> tuple[str, int]:
         if self.o.broker is not None:
             return self.o.broker
-        folder = self.work / "broker"
-        folder.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        config = folder / "mosquitto.conf"
-        config.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"log_dest file {folder / 'mosquitto.log'}\n"
-        )
-        self.spawn([mosquitto(), "-c", str(config)], folder / "stdout.log")
-        wait_for_port(port, 10, "mosquitto")
-        return "127.0.0.1", port
+        self.broker = Mosquitto(self.work / "broker").start()
+        return "127.0.0.1", self.broker.port
 
     def make_channel(self) -> tuple[Path, Path]:
+        from models.channel import create, init_keys
+
         keys, channel = self.work / "keys", self.work / "channel"
-        self.factory(
-            "keys",
-            "init",
-            "--keys",
-            str(keys),
-            "--channel",
-            str(channel),
-            "--name",
-            CHANNEL,
-            what="channel keys",
-        )
+        with self.step("channel keys"):
+            _, root = init_keys(keys, channel)
+            create(channel, keys, root, CHANNEL)
         return keys, channel
 
     def agent_config(self, broker: tuple[str, int], channel: Path, video: Path) -> Path:
@@ -269,6 +248,9 @@ class Story:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(process.pid, signal.SIGKILL)
         self.children.clear()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
         if self.watcher is not None:
             self.watcher.close()
             self.watcher = None
@@ -320,26 +302,13 @@ class Story:
         self.show()
 
         self.say(f"publishing the INT8 model as {VERSION} and announcing it to the fleet")
-        golden = [str(p) for p in sorted((o.shared / "images").glob("*.jpg"))]
-        self.factory(
-            "publish",
-            "--channel",
-            str(channel),
-            "--keys",
-            str(keys),
-            "--model",
-            str(int8),
-            "--version",
-            VERSION,
-            "--name",
-            MODEL_LINE,
-            "--golden-images",
-            *golden,
-            "--no-gate",
-            "--target",
-            target,
-            what="publish",
-        )
+        from models.release import GateSettings, ReleaseRequest, release
+
+        golden = tuple(sorted((o.shared / "images").glob("*.jpg")))
+        request = ReleaseRequest(channel, keys, int8, VERSION, name=MODEL_LINE, target=target,
+                                 golden_images=golden, gate=GateSettings(skip=True))  # fmt: skip
+        with self.step("publish"):
+            release(request)  # the demo's INT8 is judged on the topics, not gated here
         announced = time.time()
         self.watcher.client.publish(f"{PREFIX}/fleet/{CHANNEL}/announce", b"{}", qos=1)
 
@@ -442,50 +411,17 @@ class Story:
         cached = cache_dir() / "demo" / f"map-{key}.json"
         if not cached.is_file():
             self.say(f"evaluating both models on {data.name} (once)")
-            output = self.factory(
-                "evaluate",
-                "--model",
-                str(fp32),
-                "--model",
-                str(int8),
-                "--data",
-                str(data),
-                "--rounds",
-                "3",
-                "--json",
-                what="evaluate",
-            )
-            rows = json.loads(output)  # one row per model, the reference first
-            figures = {"float": rows[0]["map50_95"], "int8": rows[1]["map50_95"]}
+            from models.datasets import load_dataset
+            from models.evaluate import evaluate
+
+            with self.step("evaluate"):
+                rows = evaluate([fp32, int8], load_dataset(data), latency_rounds=3)
+            figures = {"float": rows[0].map50_95, "int8": rows[1].map50_95}
             cached.write_text(json.dumps(figures))
         return json.loads(cached.read_text())
 
 
 # -- small helpers ------------------------------------------------------------------------------
-def mosquitto() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise StoryError(f"{what} did not start listening on port {port}")
-
-
 def summary_table(summary: dict[str, Any]) -> Any:
     from rich.table import Table
 

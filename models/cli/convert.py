@@ -1,0 +1,71 @@
+"""``edge-models convert`` and ``build-engine``: models in the formats accelerators run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from models.cli.common import EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """A float model for an accelerator; with --data, its mAP on the simulator beside the float."""
+    from models.convert.rknn import convert_and_compare
+
+    done, rows = convert_and_compare(
+        args.model, args.calib, args.out, args.data, args.full_graph, args.target
+    )
+    if args.json:
+        print(json.dumps({"out": str(done.rknn), "target": args.target, "results": rows}, indent=2))
+        return EXIT_OK
+    print(f"wrote {done.rknn} for {args.target} ({done.rknn.stat().st_size} bytes)")
+    for row in rows:
+        print(f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}")
+    return EXIT_OK
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    """A TensorRT engine of an ONNX model, built here (a device of the target class)."""
+    from models.convert.tensorrt import build
+
+    record = build(args.model, args.out, args.precision, args.workspace_mb)
+    print(
+        f"wrote {args.out} ({record['precision']}, TensorRT {record['tensorrt']}, {record['gpu']} "
+        f"sm {record['compute_capability']}) and {args.out.name}.json"
+    )
+    return EXIT_OK
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "convert",
+        help="convert a float model for an accelerator (rk3588: INT8 .rknn, checked on the "
+        "toolkit's simulator)",
+    )
+    c.add_argument("--target", required=True, choices=["rk3588"])
+    c.add_argument("--model", type=Path, required=True, help="float YOLOv8 ONNX")
+    c.add_argument("--calib", type=Path, required=True, help="calibration images folder")
+    c.add_argument("--out", type=Path, required=True, help="the .rknn to write")
+    c.add_argument(
+        "--data", type=Path, help="also evaluate on the simulator beside the float model"
+    )
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
+    c.add_argument(
+        "--full-graph",
+        action="store_true",
+        help="try the whole graph in INT8 (refused: shown on the simulator to collapse scores)",
+    )
+    c.set_defaults(func=cmd_convert)
+
+    b = sub.add_parser(
+        "build-engine",
+        help="build a TensorRT engine here (run it on a device of the target class: an engine "
+        "runs only on the TensorRT version and GPU that built it)",
+    )
+    b.add_argument("--model", type=Path, required=True, help="ONNX (QDQ INT8 or float)")
+    b.add_argument("--out", type=Path, required=True, help="the .engine to write")
+    b.add_argument("--precision", choices=["auto", "int8", "fp16", "fp32"], default="auto",
+                   help="auto: int8 for a QDQ model, fp16 for a float one")  # fmt: skip
+    b.add_argument("--workspace-mb", type=int, default=1024)
+    b.set_defaults(func=cmd_build_engine)

@@ -1,0 +1,117 @@
+"""``edge-models evaluate``, ``gate`` and ``golden``: measuring models and recording references."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.cli.common import EXIT_GATE, EXIT_OK, target_arguments
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.datasets import load_dataset
+    from models.evaluate import evaluate
+    from models.report import table, write_report
+
+    dataset = load_dataset(args.data)
+    results = evaluate(args.model, dataset, latency_rounds=args.rounds, threads=args.threads)
+    if args.report:
+        write_report(results, dataset, args.report)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(table(results))
+        if args.report:
+            print(f"\nreport written to {args.report}/report.md")
+    return EXIT_OK
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from models.gate import gate_model
+    from models.kernels import verification
+    from models.release import target_for
+
+    runner = verification(target_for(args.candidate, args.target), args.unverified_target)
+    result = gate_model(
+        args.candidate,
+        args.reference,
+        args.data,
+        args.rounds,
+        args.max_map_drop,
+        args.max_latency_ratio,
+        runner,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif result.passed:
+        print(
+            f"PASS {args.candidate.name}: "
+            + ", ".join(f"{k} {v}" for k, v in result.checks.items())
+        )
+    else:
+        print(f"FAIL {args.candidate.name}:", file=sys.stderr)
+        for reason in result.reasons:
+            print(f"  - {reason}", file=sys.stderr)
+    return EXIT_OK if result.passed else EXIT_GATE
+
+
+def cmd_golden(args: argparse.Namespace) -> int:
+    from models.golden import record_golden, write_golden
+
+    golden = record_golden(args.model, args.images)
+    write_golden(golden, args.out, overwrite=args.overwrite)
+    count = sum(len(e["detections"]) for e in golden["images"])
+    print(f"wrote {args.out}: {len(golden['images'])} image(s), {count} reference detection(s)")
+    return EXIT_OK
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "evaluate", help="mAP, latency, size, parameters and agreement, side by side"
+    )
+    e.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        required=True,
+        help="repeat; the first is the reference",
+    )
+    e.add_argument(
+        "--data", type=Path, required=True, help="YOLO folder (images/ + labels/) or COCO .json"
+    )
+    e.add_argument(
+        "--report", type=Path, help="write report.md, report.json and comparison.png here"
+    )
+    e.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser(
+        "gate", help="pass or fail a candidate against a reference model or stored result"
+    )
+    g.add_argument("--candidate", type=Path, required=True)
+    g.add_argument(
+        "--reference", type=Path, required=True, help="the float model, or a stored report.json"
+    )
+    g.add_argument("--data", type=Path, required=True)
+    g.add_argument("--max-map-drop", type=float, default=1.0, help="mAP50-95 points (default 1.0)")
+    g.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        default=1.10,
+        help="vs the reference model (default 1.10)",
+    )
+    g.add_argument("--rounds", type=int, default=20)
+    target_arguments(g)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_gate)
+
+    d = sub.add_parser("golden", help="record the golden self-test set that travels with a model")
+    d.add_argument("--model", type=Path, required=True)
+    d.add_argument("--images", type=Path, nargs="+", required=True)
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=cmd_golden)
