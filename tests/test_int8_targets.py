@@ -22,9 +22,11 @@ from agent.updates.selftest import run_self_test
 from agent.vision.backends import load_backend
 from agent.vision.postprocess import DetectionParams, decode
 from agent.vision.preprocess import Preprocessor
+from models.channel import create, init_keys
 from models.golden import record_golden
 from models.kernels import EmulatedRunner, SemanticsRunner, runner_for
 from models.probe import first_conv_probe
+from models.release import GateSettings, Published, ReleaseRequest, release
 from tests.conftest import ROOT
 from tests.test_publish import index_of, models_cli
 
@@ -155,15 +157,12 @@ def test_emulated_avx2_kernels_saturate_on_full_range_weights_whatever_the_host(
 def test_publish_for_aarch64_gates_on_the_aarch64_kernels_and_says_so(
     tmp_path, aarch64_model, fp32_model, aarch64_runner, shared
 ):
-    keys, channel = tmp_path / "keys", tmp_path / "channel"
-    assert models_cli("keys", "init", "--keys", keys, "--channel", channel).returncode == 0
-    published = models_cli(
-        "publish", "--channel", channel, "--keys", keys, "--name", "yolov8n-coco",
-        "--model", aarch64_model, "--version", "2.0.0", "--reference", fp32_model,
-        "--data", shared / "datasets" / "coco8", "--golden-images", *photos(shared),
-    )  # fmt: skip
-    assert published.returncode == 0, published.stderr
-    assert "for cpu-aarch64" in published.stdout
+    keys, channel = new_channel(tmp_path)
+    gate = GateSettings(fp32_model, shared / "datasets" / "coco8")
+    request = ReleaseRequest(channel, keys, aarch64_model, "2.0.0", name="yolov8n-coco",
+                             golden_images=tuple(photos(shared)), gate=gate)  # fmt: skip
+    published = release(request)  # the target it was made for, verified under qemu here
+    assert isinstance(published, Published) and published.target == "cpu-aarch64", published
     descriptor = first_descriptor(channel, keys, "cpu-aarch64")
     gate = descriptor["gate"]
     assert gate["passed"] and gate["target"] == "cpu-aarch64"
@@ -215,19 +214,23 @@ def test_unverifiable_targets_and_missing_emulation_are_one_line_errors_that_pub
 def test_unverified_target_is_published_on_the_models_semantics_and_recorded(
     tmp_path, u8s8_model, fp32_model, shared
 ):
-    keys, channel = tmp_path / "keys", tmp_path / "channel"
-    assert models_cli("keys", "init", "--keys", keys, "--channel", channel).returncode == 0
-    done = models_cli(
-        "publish", "--channel", channel, "--keys", keys, "--name", "m", "--model", fp32_model,
-        "--version", "1.0.0", "--target", "jetson-orin", "--unverified-target",
-        "--reference", fp32_model, "--data", shared / "datasets" / "coco8", "--rounds", "2",
-        "--golden-images", *photos(shared),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "WARNING: --unverified-target" in done.stderr
+    keys, channel = new_channel(tmp_path)
+    gate = GateSettings(fp32_model, shared / "datasets" / "coco8", rounds=2)
+    request = ReleaseRequest(channel, keys, fp32_model, "1.0.0", name="m", target="jetson-orin",
+                             unverified_target=True, golden_images=tuple(photos(shared)),
+                             gate=gate)  # fmt: skip
+    done = release(request)
+    assert isinstance(done, Published) and done.gate["unverified_target"] is True, done
     descriptor = first_descriptor(channel, keys, "jetson-orin")
     assert descriptor["gate"]["unverified_target"] is True
     assert descriptor["gate"]["kernels"].startswith("unverified")
+
+
+def new_channel(tmp_path):
+    keys, channel = tmp_path / "keys", tmp_path / "channel"
+    _, root = init_keys(keys, channel)
+    create(channel, keys, root, "stable")
+    return keys, channel
 
 
 # -- the device's guard -------------------------------------------------------------------------

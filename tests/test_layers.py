@@ -169,3 +169,17 @@ def test_no_two_rooms_import_each_other():
         if a < b and a in graph[b] and not (b.startswith(f"{a}.") or a.startswith(f"{b}."))
     )
     assert not circles, f"rooms that import each other: {circles}"
+
+
+def test_the_architecture_page_states_the_rules_this_file_checks_and_names_every_module():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    block = page.split("<!-- factory-may-import", 1)[1].split("```", 2)[1]
+    assert set(block.split()) == FACTORY_MAY_USE, "docs/architecture.md and FACTORY_MAY_USE differ"
+    layout = page.split("## Layout", 1)[1]
+    paths = agent_modules() + factory_modules() + sorted((ROOT / "agent_demo").rglob("*.py"))
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in paths
+        if path.name != "__init__.py" and path.name not in layout
+    ]
+    assert not missing, f"docs/architecture.md's layout does not name: {missing}"

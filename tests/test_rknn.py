@@ -203,17 +203,17 @@ def test_publish_for_rk3588_ships_the_very_build_its_simulator_gated(
     from agent.updates.ota import choose
     from agent.vision.backends.model_record import read_record
     from models.channel.publish import open_repository
+    from models.release import GateSettings, Published, ReleaseRequest, release
     from tests.test_publish import index_of
 
-    common, channel, keys = _new_channel(tmp_path)
-    images = [shared / "images" / f"{name}.jpg" for name in IMAGES]
-    result = models_cli(
-        "publish", *common, "--model", fp32_model, "--version", "1.0.0", "--target", "rk3588",
-        "--calib", calib, "--reference", fp32_model, "--data", shared / "datasets" / "coco8",
-        "--max-map-drop", "1.5", "--golden-images", *images,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "published yolov8n-coco 1.0.0 for rk3588" in result.stdout
+    _, channel, keys = _new_channel(tmp_path)
+    images = tuple(shared / "images" / f"{name}.jpg" for name in IMAGES)
+    gate = GateSettings(fp32_model, shared / "datasets" / "coco8", max_map_drop=1.5)
+    published = release(ReleaseRequest(channel, keys, fp32_model, "1.0.0", name="yolov8n-coco",
+                                       target="rk3588", calib=calib, golden_images=images,
+                                       gate=gate))  # fmt: skip
+    assert isinstance(published, Published), published
+    assert (published.name, published.target) == ("yolov8n-coco", "rk3588")
     index = index_of(channel, keys)
     variant = index.releases[0].variants["rk3588"]
     with open_repository(channel, keys) as repo:

@@ -85,22 +85,22 @@ def optimize(
     from models.datasets import load_dataset
     from models.evaluate import evaluate
     from models.kernels import runner_for
-    from models.optimize.runs import recovery_frames
-    from models.optimize.torch_model import training_device
+    from models.optimize.runs import Learning
     from models.recipes import recipe
 
     if report.exists() and any(report.iterdir()) and not overwrite:
         raise FactoryError(f"report folder {report} is not empty (pass --overwrite to replace it)")
     settings = recipe(target)
-    training_device(device)  # a device torch does not see is refused before any work
-    learn = recovery_frames(frames, data, size)  # refuses evaluation images before any work
+    learning = Learning.prepare(frames, data, size, device)  # refused before any work: an
+    # unseen device, evaluation images among the frames; read once for every training run
     dataset = load_dataset(data)
-    stash = _stash(model, learn.paths, data, target, chains, ratio, steps, qat_steps, size, stages)
+    stash = _stash(model, learning.frames.paths, data, target, chains, ratio, steps, qat_steps,
+                   size, stages)  # fmt: skip
     report.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{report.name}.partial-", dir=report.parent))
     try:
-        made, trained = _models(stash, model, frames, data, target, settings, chains, ratio,
-                                steps, qat_steps, size, stages, device)  # fmt: skip
+        made, trained = _models(stash, model, frames, learning, target, settings, chains, ratio,
+                                steps, qat_steps, stages)  # fmt: skip
         models_dir = work / "models"
         models_dir.mkdir()
         built = {name: Path(shutil.copy2(path, models_dir / path.name))
@@ -143,11 +143,12 @@ def _stash(model: Path, frames: list[Path], data: Path, target: str, chains: lis
     return stash
 
 
-def _models(stash: Path, model: Path, frames: Path, data: Path, target: str, settings: Any,
-            chains: list[str], ratio: float, steps: int, qat_steps: int, size: int,
-            stages: int, device: str) -> tuple[dict[str, Path], dict[str, Path]]:  # fmt: skip
+def _models(stash: Path, model: Path, frames: Path, learning: Any, target: str, settings: Any,
+            chains: list[str], ratio: float, steps: int, qat_steps: int,
+            stages: int) -> tuple[dict[str, Path], dict[str, Path]]:  # fmt: skip
     """The chains' models, each made unless the stash already holds it (written whole), and
-    the trained ones (pruned, QAT) whose records the report shows."""
+    the trained ones (pruned, QAT) whose records the report shows. PTQ calibrates on the
+    ``frames`` folder at the model's size; the training runs share ``learning``."""
     import sys
 
     from models.optimize.runs import prune_model, qat_model
@@ -171,8 +172,7 @@ def _models(stash: Path, model: Path, frames: Path, data: Path, target: str, set
         )
     if "prune" in chains or "prune+ptq" in chains:
         pruned = make("prune", stash / "pruned.onnx", lambda out: prune_model(
-            model, out, ratio, frames, steps, stages=stages, size=size, data=data,
-            device=device))  # fmt: skip
+            model, out, ratio, learning, steps, stages=stages))  # fmt: skip
         if "prune" in chains:
             built["prune"] = pruned
     if "prune+ptq" in chains and pruned is not None:
@@ -181,7 +181,7 @@ def _models(stash: Path, model: Path, frames: Path, data: Path, target: str, set
                                                        target=target))  # fmt: skip
     if "qat" in chains:
         built["qat"] = make("qat", stash / "qat.onnx", lambda out: qat_model(
-            model, out, frames, qat_steps, target, size, data, device=device))  # fmt: skip
+            model, out, learning, qat_steps, target))  # fmt: skip
     trained = {"prune": pruned} if pruned is not None else {}
     if "qat" in built:
         trained["qat"] = built["qat"]

@@ -49,6 +49,35 @@ def recovery_frames(folder: Path, data: Path | None, size: int) -> Frames:
     return Frames(paths, load_frames(paths, (size, size)))
 
 
+@dataclass
+class Learning:
+    """What a training run learns from and where it trains: the frames, letterboxed once and
+    none an evaluation image, and the device. Each command prepares its own; the optimize chain
+    prepares one for all its runs (pass it as ``frames``)."""
+
+    frames: Frames
+    size: int
+    device: Any  # torch.device
+
+    @classmethod
+    def prepare(cls, folder: Path, data: Path | None, size: int, device: str = "auto") -> Learning:
+        """Raises FactoryError: a device torch does not see, no frames, evaluation images."""
+        where = training_device(device)  # refused before the frames are read
+        return cls(recovery_frames(folder, data, size), size, where)
+
+
+def _learning(frames: Path | Learning, data: Path | None, size: int, device: str,
+              out: Path, overwrite: bool) -> Learning:  # fmt: skip
+    """The run's ``Learning``: the one handed in, else prepared here; an existing output is
+    refused before any frame is read."""
+    if isinstance(frames, Learning):
+        refuse_existing(out, overwrite)
+        return frames
+    where = training_device(device)
+    refuse_existing(out, overwrite)
+    return Learning(recovery_frames(frames, data, size), size, where)
+
+
 def _curve(losses: list[float], points: int = 200) -> list[float]:
     """The loss over the run, at most ``points`` of it (means of equal stretches)."""
     if len(losses) <= points:
@@ -125,7 +154,7 @@ def prune_model(
     model: Path,
     out: Path,
     ratio: float,
-    frames: Path,
+    frames: Path | Learning,
     steps: int,
     round_to: int = 8,
     stages: int = 3,
@@ -148,9 +177,8 @@ def prune_model(
 
     check_ratio(ratio)
     check_schedule(steps, stages, round_to)
-    where = training_device(device)
-    refuse_existing(out, overwrite)
-    learn = recovery_frames(frames, data, size)
+    learning = _learning(frames, data, size, device, out, overwrite)
+    learn, where, size = learning.frames, learning.device, learning.size
     checkpoint = _checkpoint("prune", out, [model], learn, checkpoint_s, ratio=ratio, steps=steps,
                              round_to=round_to, stages=stages, size=size, lr=lr)  # fmt: skip
     saved = checkpoint.resume() or {}
@@ -263,7 +291,7 @@ def distill_model(
     teacher_path: Path,
     student_path: Path,
     out: Path,
-    frames: Path,
+    frames: Path | Learning,
     steps: int,
     size: int = 320,
     data: Path | None = None,
@@ -281,9 +309,8 @@ def distill_model(
     """
     if steps < 1:
         raise FactoryError("--steps must be >= 1")
-    where = training_device(device)
-    refuse_existing(out, overwrite)
-    learn = recovery_frames(frames, data, size)
+    learning = _learning(frames, data, size, device, out, overwrite)
+    learn, where, size = learning.frames, learning.device, learning.size
     teacher, student = load_detector(teacher_path), load_detector(student_path)
     probe = torch.zeros(1, 3, 64, 64)
     with torch.no_grad():
@@ -309,7 +336,7 @@ def distill_model(
 def qat_model(
     model: Path,
     out: Path,
-    frames: Path,
+    frames: Path | Learning,
     steps: int,
     target: str,
     size: int = 320,
@@ -333,9 +360,8 @@ def qat_model(
 
     check_schedule(steps)
     recipe(target)  # raises for a target the quantizer does not make (rk3588)
-    where = training_device(device)
-    refuse_existing(out, overwrite)
-    learn = recovery_frames(frames, data, size)
+    learning = _learning(frames, data, size, device, out, overwrite)
+    learn, where, size = learning.frames, learning.device, learning.size
     teacher = load_detector(model)
     student, record = prepare(teacher, target, learn.batch[:32])
     checkpoint = _checkpoint("qat", out, [model], learn, checkpoint_s, steps=steps, size=size,
