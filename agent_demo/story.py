@@ -416,7 +416,7 @@ class Story:
 
             with self.step("evaluate"):
                 rows = evaluate([fp32, int8], load_dataset(data), latency_rounds=3)
-            figures = {"float": rows[0].map50_95, "int8": rows[1].map50_95}
+            figures = {"float": round(rows[0].map50_95, 4), "int8": round(rows[1].map50_95, 4)}
             cached.write_text(json.dumps(figures))
         return json.loads(cached.read_text())
 
