@@ -90,6 +90,7 @@ def current_thresholds(sub: Subscriber) -> dict:
             "quality: Input should be greater than or equal to 1",
         ),
         ("ping", b"x" * 70_000, "payload too large: 70000 bytes (max 65536)"),
+        ("ping", b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
     ],
 )
 def test_bad_commands_get_an_error_reply_and_change_nothing(running, name, payload, error):

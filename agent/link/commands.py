@@ -9,7 +9,6 @@ a slow handler; a full queue answers "busy" instead of growing.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -19,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from agent.config import describe_validation_error
-from agent.link.messages import command_result
+from agent.link.messages import BadPayload, command_result, parse_object
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,9 @@ class CommandRouter:
     def execute(self, name: str, payload: bytes) -> dict[str, Any]:
         """Parse, validate and run one command; publish and return its reply."""
         try:
-            body = json.loads(payload.decode("utf-8")) if payload.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return self._error(name, None, f"payload is not valid UTF-8 JSON: {exc}")
-        if not isinstance(body, dict):
-            return self._error(
-                name, None, f"payload must be a JSON object, got {type(body).__name__}"
-            )
+            body = parse_object(payload, self.max_bytes)
+        except BadPayload as exc:
+            return self._error(name, None, str(exc))
         request_id = body.pop("id", None)
         if request_id is not None and not (
             isinstance(request_id, str | int)

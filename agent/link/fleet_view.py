@@ -7,11 +7,14 @@ object its topic promises is counted and skipped; it never breaks the view.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from agent.link.messages import BadPayload, parse_object
+
+MAX_VIEWED_BYTES = 1 << 20  # a device's status, model, telemetry or detections: far below this
 
 LEAVES = ("status", "model", "telemetry", "detections", "events")
 STAGES = ("capture", "preprocess", "inference", "postprocess")
@@ -109,10 +112,8 @@ class FleetView:
         if self.device is not None and device_id != self.device:
             return None
         try:
-            data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            data = None
-        if not isinstance(data, dict):
+            data = parse_object(payload, MAX_VIEWED_BYTES)
+        except BadPayload:
             self.malformed += 1
             return None
         view = self.devices.setdefault(device_id, DeviceView(device_id))

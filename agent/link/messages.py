@@ -21,6 +21,32 @@ COMMAND_RESULT = "edge-agent/command-result/v1"
 
 
 MAX_ANNOUNCE_SPREAD_S = 6 * 3600.0
+MAX_ANNOUNCE_BYTES = 4096  # an announce is a few fields; anything bigger is not one
+
+
+class BadPayload(ValueError):
+    """A received payload the agent will not act on: too big, not JSON, too deep, not an object."""
+
+
+def parse_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    """The JSON object in an untrusted payload (anyone with publish rights may have sent it).
+
+    Raises:
+        BadPayload: larger than ``max_bytes``, not UTF-8 JSON, nested deeper than the parser
+            can follow (a 100 KB ``[[[[...`` made json.loads raise RecursionError), or not an
+            object. Never anything else.
+    """
+    if len(payload) > max_bytes:
+        raise BadPayload(f"payload too large: {len(payload)} bytes (max {max_bytes})")
+    try:
+        body = json.loads(payload.decode("utf-8")) if payload.strip() else {}
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadPayload(f"payload is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise BadPayload("payload is nested too deeply to parse") from None
+    if not isinstance(body, dict):
+        raise BadPayload(f"payload must be a JSON object, got {type(body).__name__}")
+    return body
 
 
 def announce_spread(payload: bytes, own_jitter_s: float) -> float:
@@ -28,8 +54,8 @@ def announce_spread(payload: bytes, own_jitter_s: float) -> float:
     when the announce asks the fleet to spread its downloads out (``spread_s``, at most 6 h).
     Never shorter: a stray or hostile announce cannot make a fleet arrive at once."""
     try:
-        asked = json.loads(payload).get("spread_s")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+        asked = parse_object(payload, MAX_ANNOUNCE_BYTES).get("spread_s")
+    except BadPayload:
         return own_jitter_s
     if isinstance(asked, bool) or not isinstance(asked, int | float) or math.isnan(asked):
         return own_jitter_s

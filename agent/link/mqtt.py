@@ -28,6 +28,20 @@ from agent.link.outbox import Outbox
 log = logging.getLogger(__name__)
 
 
+def guarded(handler: Callable[..., None], on_error: Callable[[str, BaseException], None]):
+    """``handler`` as a paho callback that never raises: paho re-raises a callback's exception
+    on its network thread, which then dies while ``connected`` stays set and nothing reconnects
+    (one poison message would silence the device for good). The error is logged and counted."""
+
+    def callback(*args: Any) -> None:
+        try:
+            handler(*args)
+        except Exception as exc:
+            on_error(getattr(handler, "__name__", "callback"), exc)
+
+    return callback
+
+
 @dataclass(frozen=True)
 class Topics:
     prefix: str
@@ -159,6 +173,9 @@ class MqttLink:
         self.connect_failures = 0
         self.last_error: str | None = None
         self.on_publish: Callable[[int, bool, str], None] | None = None
+        self.bad_messages = 0  # received messages dropped: too big, or their handler failed
+        self.callback_errors = 0
+        self.last_bad_message: str | None = None
         self._stopping = False
         self._on_command = on_command
         self._on_connected = on_connected
@@ -170,12 +187,12 @@ class MqttLink:
             int(config.reconnect_min_s) or 1, int(config.reconnect_max_s) or 1
         )
         client.will_set(self.topics.status, last_will, qos=1, retain=True)
-        client.on_connect = self._handle_connect
-        client.on_connect_fail = self._handle_connect_fail
-        client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
-        client.on_publish = self._handle_publish
-        client.on_subscribe = self._handle_subscribe
+        client.on_connect = guarded(self._handle_connect, self._callback_failed)
+        client.on_connect_fail = guarded(self._handle_connect_fail, self._callback_failed)
+        client.on_disconnect = guarded(self._handle_disconnect, self._callback_failed)
+        client.on_message = guarded(self._handle_message, self._callback_failed)
+        client.on_publish = guarded(self._handle_publish, self._callback_failed)
+        client.on_subscribe = guarded(self._handle_subscribe, self._callback_failed)
         self.client = client
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -261,11 +278,27 @@ class MqttLink:
             refused = bool(reason is not None and reason.is_failure)
             self.on_publish(mid, refused, describe_reason(reason) if refused else "")
 
+    def _callback_failed(self, where: str, exc: BaseException) -> None:
+        self.callback_errors += 1
+        if where == "_handle_message":
+            self.bad_messages += 1
+            self.last_bad_message = f"a received message failed its handler: {exc!r:.200}"
+        log.error("MQTT %s failed (%r); the connection goes on", where, exc, exc_info=exc)
+
     def _handle_message(self, client, userdata, message) -> None:
         name = self.topics.command_name(message.topic)
         if name is not None and self._on_command is not None:
             self._on_command(name, message.payload, message.properties)
-        elif self._on_message is not None:
+            return
+        if len(message.payload) > self.config.max_message_bytes:
+            self.bad_messages += 1
+            self.last_bad_message = (
+                f"dropped a {len(message.payload)}-byte message on {message.topic[:200]} "
+                f"(mqtt.max_message_bytes {self.config.max_message_bytes})"
+            )
+            log.warning("MQTT %s", self.last_bad_message)
+            return
+        if self._on_message is not None:
             self._on_message(message.topic, message.payload)
 
 

@@ -130,6 +130,7 @@ class Link:
                 "refused": self.publisher.refused,
                 "commands_handled": self.commands.handled,
                 "commands_rejected": self.commands.rejected,
+                "bad_messages": self.mqtt.bad_messages,
             },
         }
 
@@ -146,6 +147,11 @@ class Link:
                 self.publisher.refused,
                 "broker refused publishes",
                 self.publisher.last_refusal,
+            ),
+            "bad_messages": (
+                self.mqtt.bad_messages,
+                "received messages dropped (too big, unparseable, or their handler failed)",
+                self.mqtt.last_bad_message,
             ),
         }
 

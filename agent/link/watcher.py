@@ -7,6 +7,7 @@ to the ``FleetView`` they feed, so neither command reaches into the other's modu
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 import time
@@ -20,7 +21,9 @@ from pydantic import ValidationError
 from agent.config import MqttConfig, TlsConfig, describe_validation_error, load_config
 from agent.contract.errors import AgentError, ConfigError
 from agent.link.fleet_view import FleetView
-from agent.link.mqtt import describe_reason, new_client
+from agent.link.mqtt import describe_reason, guarded, new_client
+
+log = logging.getLogger(__name__)
 
 
 class WatchError(AgentError):
@@ -100,8 +103,9 @@ class Watcher:
         self._connack = threading.Event()
         self._refusal: str | None = None
         self.client = new_client(config, f"edge-agent-watch-{uuid.uuid4().hex[:8]}")
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
+        self.client.on_connect = guarded(self._on_connect, self._callback_failed)
+        self.client.on_message = guarded(self._on_message, self._callback_failed)
+        self.callback_errors = 0
 
     @property
     def where(self) -> str:
@@ -146,6 +150,10 @@ class Watcher:
         with self.lock:
             self.view.update(topic, payload)
         self.changed.set()
+
+    def _callback_failed(self, where: str, exc: BaseException) -> None:
+        self.callback_errors += 1  # logged; the subscription goes on (see ``guarded``)
+        log.error("watcher %s failed (%r); the subscription goes on", where, exc, exc_info=exc)
 
     def _on_message(self, client, userdata, message) -> None:
         self.take(message.topic, message.payload)
