@@ -237,6 +237,11 @@ class Agent:
             return self.exit_code
         if self.pipeline.error is not None:
             raise self.pipeline.error
+        if self.pipeline.crashed is not None:  # a bug, not the end of the source: systemd's
+            # Restart=on-failure restarts only a non-zero exit
+            log.error("exiting with status %d: pipeline stage %s", self.config.watchdog.exit_code,
+                      self.pipeline.crashed)  # fmt: skip
+            return self.config.watchdog.exit_code
         return 0
 
     def shutdown(self, flush_timeout: float = 5.0) -> None:

@@ -431,3 +431,22 @@ def test_a_silent_source_is_restarted_by_the_ladder_and_recovers(tmp_path, tiny,
     assert steps == ["restart_source"]
     assert len(opened) == 2 and agent.source is opened[1]
     assert agent.source.stats.frames > 10
+
+
+def test_a_crashed_stage_exits_non_zero_so_that_systemd_restarts_the_agent(
+    tmp_path, tiny, bus_video, monkeypatch
+):
+    """The unit restarts on failure only: a stage that died of a bug used to exit 0."""
+    tiny_path, inner = tiny
+    agent, _ = fast_watchdog_agent(tmp_path, tiny_path, bus_video, inner, None, monkeypatch)
+    source = agent.pipeline.source
+    real_read, reads = source.read, itertools.count()
+
+    def read(timeout: float = 0.5):
+        if next(reads) == 5:
+            raise RuntimeError("a bug in the source")
+        return real_read(timeout)
+
+    source.read = read
+    assert agent.run() == 70  # watchdog.exit_code: EX_SOFTWARE
+    assert agent.pipeline.crashed is not None and "a bug in the source" in agent.pipeline.crashed

@@ -129,6 +129,7 @@ class Pipeline:
         self.max_frames = max_frames
         self.stats = PipelineStats(config.latency_window)
         self.error: SourceError | None = None
+        self.crashed: str | None = None  # "stage: exception" when a stage died of a bug
         self.last_result: FrameResult | None = None
         self._detection = detection
         self._params_cache: dict[int, DetectionParams] = {}
@@ -238,8 +239,9 @@ class Pipeline:
                 lower_thread_priority(self.config.helper_nice)
             try:
                 target()
-            except Exception:
+            except Exception as exc:
                 log.exception("pipeline stage %s crashed", name)
+                self.crashed = f"{name}: {exc!r:.300}"
                 self.stats.count("errors")
                 self._aborted.set()
                 self._stop.set()
