@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, threads
 from agent.config import AgentConfig, ConfigError, apply_live, load_config
 from agent.ladder import RecoveryLadder
 from agent.link import (
@@ -56,6 +56,7 @@ class Agent:
         self.session = uuid.uuid4().hex[:12]
         self.started = time.monotonic()
         self.events = Events(config.device_id)
+        self._restore_thread_hook: Any = None
         self.notifier = Notifier()
         try:
             config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +202,7 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        self._restore_thread_hook = threads.install_hook(self._thread_died)
         if self.link is not None:
             self.link.start()
         self.pipeline.start()
@@ -219,6 +221,17 @@ class Agent:
 
     def stop(self) -> None:
         self.pipeline.stop()
+
+    def _thread_died(self, name: str, exc: BaseException) -> None:
+        """A thread ended on an exception (after its own restarts, if it had any): report it
+        and exit non-zero, so that systemd starts the agent afresh."""
+        self.events.emit("thread_crashed", f"thread {name} died: {exc!r:.300}", "error",
+                         thread=name)  # fmt: skip
+        if not self.exit_code:
+            outcome = self.ladder.exit_for_restart()
+            reason = f"thread {name} died"
+            self.events.emit("escalation", f"exit: {outcome} (because {reason})", "error",
+                             step="exit", reason=reason, applied=True)  # fmt: skip
 
     def run(self) -> int:
         """Run until the source ends, ``stop()`` or the ladder's exit; then shut down in order.
@@ -266,3 +279,6 @@ class Agent:
         self.notifier.close()
         self._stop_hearing_builds()
         self.ladder.cancel_hard_exit()
+        if self._restore_thread_hook is not None:
+            self._restore_thread_hook()
+            self._restore_thread_hook = None

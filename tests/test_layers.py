@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WINGS = ("vision", "service", "link", "updates")
 # rooms every wing may use: they import no wing themselves (the contract is a package of them)
-BASE = {"agent", "agent.config", "agent.failpoints", "agent.contract"}
+BASE = {"agent", "agent.config", "agent.failpoints", "agent.threads", "agent.contract"}
 # what the factory may import of the agent: the contract and the wings' faces, nothing deeper
 FACTORY_MAY_USE = {
     "agent",

@@ -450,3 +450,24 @@ def test_a_crashed_stage_exits_non_zero_so_that_systemd_restarts_the_agent(
     source.read = read
     assert agent.run() == 70  # watchdog.exit_code: EX_SOFTWARE
     assert agent.pipeline.crashed is not None and "a bug in the source" in agent.pipeline.crashed
+
+
+def test_a_thread_that_dies_for_good_is_reported_and_the_agent_exits_non_zero(
+    tmp_path, tiny, bus_video, monkeypatch
+):
+    tiny_path, inner = tiny
+    agent, events = fast_watchdog_agent(tmp_path, tiny_path, bus_video, inner, None, monkeypatch)
+
+    def die_once_running() -> None:
+        deadline = time.monotonic() + 60
+        while agent.pipeline.stats.frames_out < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raise RuntimeError("a bug in a background thread")
+
+    threading.Thread(target=die_once_running, name="doomed", daemon=True).start()
+    assert agent.run() == 70
+    crashed = [e for e in events if e["kind"] == "thread_crashed"]
+    assert crashed and crashed[0]["details"]["thread"] == "doomed"
+    exits = [e for e in events if e["kind"] == "escalation" and e["details"]["step"] == "exit"]
+    assert exits and "thread doomed died" in exits[0]["message"]
+    assert threading.excepthook is not None and agent._restore_thread_hook is None

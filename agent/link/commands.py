@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.config import describe_validation_error
 from agent.link.messages import BadPayload, command_result, parse_object
+from agent.threads import restarting
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class CommandRouter:
         self._handlers: dict[str, tuple[type[BaseModel], Handler]] = {}
         self.max_bytes = max_bytes
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(queue_size)
-        self._thread = threading.Thread(target=self._work, name="commands", daemon=True)
+        run = restarting("commands", self._work, lambda: False)  # ends on its queue's None
+        self._thread = threading.Thread(target=run, name="commands", daemon=True)
         self.handled = 0
         self.rejected = 0
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from agent.link.events import CounterWatch, Events, Watched
 from agent.link.session import Link
 from agent.link.telemetry import Telemetry
+from agent.threads import restarting
 from agent.vision import Pipeline
 
 EXPIRE_EVERY_S = 60.0
@@ -32,7 +33,8 @@ class Housekeeper:
         self.link, self.telemetry = link, telemetry
         self.counters = CounterWatch(events, self.watched)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        run = restarting("telemetry", self._run, self._stop.is_set)
+        self._thread = threading.Thread(target=run, name="telemetry", daemon=True)
 
     def watched(self) -> Watched:
         stats = self.pipeline.source.stats

@@ -24,6 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import MqttConfig
 from agent.contract.errors import ConfigError
 from agent.link.outbox import Outbox
+from agent.threads import restarting
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,8 @@ class Publisher:
         self._refusals_lock = threading.Lock()
         self._last_sent = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
+        run = restarting("mqtt-publisher", self._run, self._stop.is_set)
+        self._thread = threading.Thread(target=run, name="mqtt-publisher", daemon=True)
         link.on_publish = self._note_refusal
 
     def start(self) -> None:

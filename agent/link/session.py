@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent import threads
 from agent.config import AgentConfig
 from agent.link.commands import CommandRouter
 from agent.link.events import Watched
@@ -147,6 +148,11 @@ class Link:
                 self.publisher.refused,
                 "broker refused publishes",
                 self.publisher.last_refusal,
+            ),
+            "thread_restarts": (
+                sum(threads.RESTARTS.values()),
+                "background threads restarted after an exception",
+                "; ".join(threads.LAST_CRASH.values()) or None,
             ),
             "bad_messages": (
                 self.mqtt.bad_messages,
