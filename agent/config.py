@@ -280,6 +280,12 @@ class OutboxConfig(StrictModel):
     max_messages: int = Field(100_000, ge=10)
     max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
     max_age_s: float = Field(7 * 24 * 3600.0, gt=0)
+    max_memory_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=64 * 1024,
+        description="While the disk refuses writes (full), messages wait in memory up to this; "
+        "beyond it the oldest are dropped and counted.",
+    )
 
 
 LadderStep = Literal["restart_source", "reload_backend", "previous_model", "exit"]

@@ -1,7 +1,11 @@
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from agent.link.outbox import Outbox
 
@@ -32,6 +36,9 @@ def test_contents_and_counters_survive_a_reopen(tmp_path):
         "bytes": 15,
         "dropped_overflow": 5,
         "dropped_expired": 0,
+        "dropped_unwritten": 0,
+        "unwritten": 0,
+        "write_failures": 0,
     }
 
 
@@ -89,3 +96,59 @@ def test_sigkill_mid_write_leaves_a_consistent_outbox(tmp_path):
     assert payloads == list(range(len(payloads)))  # no gaps, no torn rows
     assert len(payloads) >= len(acknowledged)  # everything the writer reported is on disk
     assert box.counters()["depth"] == len(payloads)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs: writes fail with ENOSPC as on a full SD card."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("the full-disk test mounts a tmpfs: run the suite as root (CI does)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)  # fmt: skip
+    assert mounted.returncode == 0, f"cannot mount a tmpfs for the full-disk test: {mounted.stderr}"
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_keeps_the_newest_in_bounded_memory_and_resumes_by_itself(small_disk):
+    box = Outbox(small_disk / "o.sqlite", max_memory_bytes=64 * 1024, retry_s=0.05)
+    ballast = small_disk / "ballast"
+    with contextlib.suppress(OSError), ballast.open("wb", buffering=0) as handle:
+        while True:  # fill the disk to the last block
+            handle.write(b"\0" * 4096)
+    payload = b"x" * 1000
+    started = time.monotonic()
+    for number in range(400):  # 400 KB: more than the disk had left and the memory budget
+        box.submit("t", payload + f"{number:04d}".encode())
+    assert time.monotonic() - started < 5, "submit blocked on a full disk"
+    assert box.put("events", b"an event") == 0  # no exception; waits in memory, in order
+    deadline = time.monotonic() + 30
+    while box.write_failures == 0:
+        assert time.monotonic() < deadline, "the writer never hit the full disk"
+        time.sleep(0.02)
+    counters = box.counters()
+    assert box.write_error and any(w in box.write_error.lower() for w in ("full", "i/o")), (
+        box.write_error
+    )
+    assert counters["dropped_unwritten"] > 0 and box._pending_bytes <= 64 * 1024 + 2 * 1004
+    assert box._writer.is_alive()
+
+    ballast.unlink()  # space comes back: the writer resumes by itself
+    deadline = time.monotonic() + 30
+    while box.counters()["unwritten"]:
+        assert time.monotonic() < deadline, f"the writer did not resume: {box.write_error}"
+        time.sleep(0.05)
+    assert box.write_error is None
+    box.submit("t", b"after")
+    box.flush()
+    written = [m.payload for m in box.peek(0, 1000)]
+    numbers = [int(p[-4:]) for p in written if p.startswith(b"x")]
+    assert numbers == sorted(numbers) and numbers[-1] == 399  # the newest kept, in order
+    assert written[-2:] == [b"an event", b"after"]
+    dropped = box.counters()["dropped_unwritten"]
+    assert len(numbers) + dropped == 400, "every message is either written or counted as dropped"
+    box.close()

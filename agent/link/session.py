@@ -65,6 +65,7 @@ class Link:
             config.outbox.max_messages,
             config.outbox.max_bytes,
             config.outbox.max_age_s,
+            config.outbox.max_memory_bytes,
         )
         self.commands = CommandRouter(self.reply, mqtt.max_command_bytes)
         will = encode(status("offline", config.device_id, session, model()))
@@ -140,9 +141,16 @@ class Link:
         outbox = self.outbox.counters()
         return {
             "outbox_dropped": (
-                outbox["dropped_overflow"] + outbox["dropped_expired"],
-                "outbox full or expired: oldest dropped",
-                None,
+                outbox["dropped_overflow"]
+                + outbox["dropped_expired"]
+                + outbox["dropped_unwritten"],
+                "outbox full, expired, or unwritable beyond its memory budget: oldest dropped",
+                self.outbox.write_error,
+            ),
+            "outbox_write_failures": (
+                outbox["write_failures"],
+                "the outbox cannot write to disk (full?): messages wait in memory",
+                self.outbox.write_error,
             ),
             "publish_refused": (
                 self.publisher.refused,
