@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.config import ModelConfig, build_config
@@ -471,3 +472,41 @@ def test_a_thread_that_dies_for_good_is_reported_and_the_agent_exits_non_zero(
     exits = [e for e in events if e["kind"] == "escalation" and e["details"]["step"] == "exit"]
     assert exits and "thread doomed died" in exits[0]["message"]
     assert threading.excepthook is not None and agent._restore_thread_hook is None
+
+
+class GarbageBackend(StuckBackend):
+    """Answers every inference at once with outputs no decode can read (a broken model)."""
+
+    def infer(self, tensor):
+        self.calls += 1
+        return np.array(1.0, np.float32)  # decode: IndexError, every frame
+
+
+def test_frames_that_never_reach_the_sinks_are_a_fault_though_every_stage_is_quick(
+    tmp_path, tiny, bus_video, monkeypatch
+):
+    """Liveness is output: a frozen fps figure once fed the watchdog while nothing came out."""
+    tiny_path, inner = tiny
+    agent, events = fast_watchdog_agent(tmp_path, tiny_path, bus_video, GarbageBackend(inner),
+                                        None, monkeypatch, source_stall_s=0.5)  # fmt: skip
+    agent._load_backend = lambda: GarbageBackend(inner)
+
+    def escalated() -> bool:
+        return any(e["kind"] == "escalation" for e in events)
+
+    run_until(agent, escalated)
+    step = next(e for e in events if e["kind"] == "escalation")
+    assert step["details"]["step"] == "reload_backend", step
+    assert "no frame reached the sinks" in step["details"]["reason"]
+    assert agent.pipeline.stats.frames_in > 5 and agent.pipeline.stats.frames_out == 0
+
+
+def test_the_recent_fps_falls_to_zero_when_output_stops():
+    from agent.vision.stats import PipelineStats
+
+    stats = PipelineStats()
+    for tick in range(100):
+        stats.mark_out(tick * 0.1)  # 10 fps for 10 s
+    assert stats.recent_fps(10.0, 5.0) == pytest.approx(10.0, rel=0.05)
+    assert stats.throughput_fps() == pytest.approx(10.0, rel=0.05)
+    assert stats.recent_fps(30.0, 5.0) == 0.0  # the run's average would still say 10

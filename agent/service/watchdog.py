@@ -31,12 +31,17 @@ from agent.service.notify import Notifier
 
 log = logging.getLogger(__name__)
 
-ENTRY_STEP = {"source": "restart_source", "inference": "reload_backend", "stage": "exit"}
+ENTRY_STEP = {
+    "source": "restart_source",
+    "inference": "reload_backend",
+    "output": "reload_backend",  # frames arrive, none reaches the sinks (all late or skipped)
+    "stage": "exit",
+}
 
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # source | inference | stage
+    kind: str  # source | inference | output | stage
     reason: str
 
 
@@ -116,6 +121,7 @@ class Supervisor:
         self._last_health = 0.0
         self._last_status = 0.0
         self._progress = (time.monotonic(), 0)  # when frames_in last moved, and its value
+        self._output = (time.monotonic(), 0)  # when frames_out last moved, and its value
         self._slow_since: float | None = None
         self.cancelled_at: float | None = None
 
@@ -150,14 +156,28 @@ class Supervisor:
             began = busy.get(stage)
             if began is not None and now - began > config.stage_timeout_s:
                 faults.append(Fault("stage", f"{stage} busy for {now - began:.1f} s"))
-        frames_in = pipeline.stats.frames_in
+        stats = pipeline.stats
+        frames_in = stats.frames_in
         last_move, last_value = self._progress
         if frames_in != last_value:
             self._progress = (now, frames_in)
         elif pipeline.source.live and now - last_move > self.source_stall_s:
             faults.append(Fault("source", f"no frame for {now - last_move:.0f} s"))
+        out_move, out_value = self._output
+        if stats.frames_out != out_value:
+            self._output = (now, stats.frames_out)
+        elif (
+            now - self._progress[0] <= self.source_stall_s and now - out_move > self.source_stall_s
+        ):
+            faults.append(
+                Fault(
+                    "output",
+                    f"no frame reached the sinks for {now - out_move:.0f} s while frames "
+                    f"arrive ({stats.dropped} dropped, {stats.late} late, {stats.errors} errors)",
+                )
+            )
         nominal = pipeline.source.nominal_fps
-        fps = pipeline.stats.throughput_fps()
+        fps = stats.recent_fps(now, config.fps_window_s)
         if (
             pipeline.source.live
             and nominal
@@ -225,6 +245,7 @@ class Supervisor:
         )
         self._next_step_at = now + self.config.verify_s
         self._progress = (now, self.pipeline.stats.frames_in)  # give the step a fair chance
+        self._output = (now, self.pipeline.stats.frames_out)
 
     def _cancel_hung_inference(self, now: float) -> bool:
         """Cancel a hung run first (ORT can); True while that cancel is still in its grace."""

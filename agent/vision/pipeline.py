@@ -381,8 +381,9 @@ class Pipeline:
             detections = decode(
                 job.output, job.letterbox, self._params_for(job.model), job.model.info.class_names
             )
-        except (ValueError, IndexError) as exc:
-            log.warning("postprocess failed on frame %d: %s", job.frame.frame_id, exc)
+        except Exception as exc:  # a model whose outputs cannot be decoded: counted per frame,
+            # and the watchdog's output check escalates (reload, previous model) if it persists
+            log.warning("postprocess failed on frame %d: %r", job.frame.frame_id, exc)
             self.stats.count("errors")
             return
         post_ms = (time.perf_counter() - started) * 1000

@@ -77,6 +77,7 @@ class PipelineStats:
         self.inference_failures = 0  # current streak of failed inferences
         self.first_out: float | None = None
         self.last_out: float | None = None
+        self._recent_out: deque[float] = deque(maxlen=4096)  # monotonic times of recent output
         self._window = window
         self._per_model: weakref.WeakKeyDictionary[Any, ModelStats] = weakref.WeakKeyDictionary()
 
@@ -107,6 +108,19 @@ class PipelineStats:
             if self.first_out is None:
                 self.first_out = now
             self.last_out = now
+            self._recent_out.append(now)
+
+    def recent_fps(self, now: float, window_s: float) -> float | None:
+        """Frames out per second over the last ``window_s`` (or since the first one): unlike the
+        run's average, this falls to 0 when output stops, which is what a watchdog must see."""
+        with self._lock:
+            if self.first_out is None:
+                return None
+            span = min(window_s, now - self.first_out)
+            if span <= 0:
+                return None
+            recent = sum(1 for t in self._recent_out if t > now - span)
+        return recent / span
 
     def throughput_fps(self) -> float | None:
         """Steady-state output rate: frames between the first and last result over that span."""
