@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 
 import pytest
 
@@ -76,6 +78,56 @@ def test_the_publisher_survives_an_exception_in_its_loop_and_delivers_everything
         wait(lambda: len(sub.on("edge/dev1/detections")) == 3, what="all three detections")
         assert [m.json()["n"] for m in sub.on("edge/dev1/detections")] == [0, 1, 2]
         assert threads.RESTARTS["mqtt-publisher"] == before + 1
+    finally:
+        publisher.stop()
+        link.stop()
+        sub.stop()
+        outbox.close()
+
+
+def test_after_a_reconnect_the_window_in_flight_goes_before_anything_new(broker, tmp_path):
+    """paho resends the unacknowledged window only after on_connect, where the link says it is
+    connected; rows sent in between overtook it (5 of 12 trials in a review). The link's
+    on_connected hook here waits for the subscriber, holding that gap open on purpose."""
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    sub = Subscriber(broker.port, ["edge/dev1/detections"]).start()
+    connects: list[int] = []
+
+    def on_connected() -> None:
+        connects.append(1)
+        if len(connects) > 1:  # the reconnect: let the subscriber come back first
+            sub._subscribed.wait(20)
+            time.sleep(0.3)
+
+    config = MqttConfig(host="127.0.0.1", port=broker.port, reconnect_min_s=0.2,
+                        reconnect_max_s=0.5)  # fmt: skip
+    link = MqttLink(config, "dev1", b"offline", on_connected=on_connected)
+    publisher = Publisher(outbox, link, window=20)
+    link.start()
+    publisher.start()
+
+    def put(numbers) -> None:
+        for number in numbers:
+            outbox.put("edge/dev1/detections", f'{{"n": {number}}}'.encode(), qos=1)
+
+    def received() -> list[int]:
+        return [m.json()["n"] for m in sub.on("edge/dev1/detections")]
+
+    try:
+        wait(link.connected.is_set, what="the link to connect")
+        put(range(5))
+        wait(lambda: len(received()) == 5, what="the first five")
+        broker.process.send_signal(signal.SIGSTOP)  # frozen: what is sent now is never acked
+        put(range(5, 10))
+        wait(lambda: len(publisher._inflight) == 5, what="five rows in flight")
+        broker.process.send_signal(signal.SIGKILL)
+        broker.process.wait(10)
+        sub._subscribed.clear()
+        put(range(10, 15))  # newer rows, waiting in the outbox
+        broker.start()  # the same port; the link and the subscriber reconnect
+        wait(lambda: len(set(received())) == 15, timeout=60, what="all fifteen")
+        seen = list(dict.fromkeys(received()))  # a resent duplicate counts once, where first seen
+        assert seen == list(range(15)), seen
     finally:
         publisher.stop()
         link.stop()

@@ -308,6 +308,14 @@ class Publisher:
 
     Completion is read from each message's ``MQTTMessageInfo`` on this thread; paho's callback
     only notes MQTT 5 refusals (an ACL denial), so no lock is shared with paho's threads.
+
+    After a reconnect paho resends the unacknowledged window itself, but only after its
+    ``on_connect`` has run, where the link says it is connected: new rows sent in between would
+    overtake the old ones. So after a reconnect nothing new is sent until the old window is
+    acknowledged (or its ack timeout sends it again from the outbox).
+
+    QoS 0 rows (telemetry-like detections, when configured so) leave the outbox as soon as
+    paho takes them: at most once, as QoS 0 promises; QoS 1 and 2 rows stay until acknowledged.
     """
 
     def __init__(
@@ -324,6 +332,8 @@ class Publisher:
         self._refusals: dict[int, tuple[str, float]] = {}  # mid -> (reason, when)
         self._refusals_lock = threading.Lock()
         self._last_sent = 0
+        self._connects_seen = 0
+        self._old_window_upto = 0  # after a reconnect: rows up to this id go first
         self._stop = threading.Event()
         run = restarting("mqtt-publisher", self._run, self._stop.is_set)
         self._thread = threading.Thread(target=run, name="mqtt-publisher", daemon=True)
@@ -384,6 +394,12 @@ class Publisher:
                 continue
             self._collect_acks()
             self._resend_if_stuck()
+            if self.link.connects != self._connects_seen:
+                self._connects_seen = self.link.connects
+                self._old_window_upto = self._inflight[-1][0] if self._inflight else 0
+            if self._inflight and self._inflight[0][0] <= self._old_window_upto:
+                time.sleep(0.002)  # paho is resending the old window: its acks come first
+                continue
             room = self.window - len(self._inflight)
             if room <= 0:
                 time.sleep(0.002)
