@@ -260,6 +260,9 @@ class MqttConfig(StrictModel):
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(60.0, gt=0)
     inflight: int = Field(20, ge=1, le=1000, description="QoS>0 messages awaiting PUBACK at once.")
+    max_queued: int = Field(
+        1000, ge=10, description="Messages paho may hold beyond the in-flight window (memory)."
+    )
     max_command_bytes: int = Field(65536, ge=256)
     max_message_bytes: int = Field(
         65536, ge=256, description="larger messages on other subscribed topics are dropped"

@@ -51,3 +51,16 @@ def test_readme_is_a_short_front_door_whose_links_exist():
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if not target.startswith("http"):
             assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def test_the_fault_table_names_only_tests_that_exist():
+    page = (ROOT / "docs" / "faults.md").read_text()
+    sources = {path: path.read_text() for path in (ROOT / "tests").rglob("test_*.py")}
+    named = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", page)
+    assert len(named) > 20
+    for path, test in named:
+        assert (ROOT / path).is_file(), f"docs/faults.md names {path}, which does not exist"
+        if test:
+            assert f"def {test}(" in sources[ROOT / path], f"{path} has no {test}"
+    for test in re.findall(r"`(test_\w+)`", page):
+        assert any(f"def {test}(" in text for text in sources.values()), f"no test {test}"

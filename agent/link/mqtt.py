@@ -184,6 +184,9 @@ class MqttLink:
         self._subscriptions = [self.topics.device("cmd/#"), *(subscriptions or [])]
         client = new_client(config, config.client_id or f"edge-agent-{device_id}")
         client.max_inflight_messages_set(config.inflight)
+        # paho's own store, bounded: while acks are stuck, fire-and-forget messages (telemetry,
+        # replies) beyond this are refused instead of piling up in memory
+        client.max_queued_messages_set(config.max_queued)
         client.reconnect_delay_set(
             int(config.reconnect_min_s) or 1, int(config.reconnect_max_s) or 1
         )
