@@ -351,7 +351,19 @@ class ProbationConfig(StrictModel):
         0.05, ge=0, le=1, description="Failed inferences / frames tried (cancelled ones too)."
     )
     max_p95_ratio: float = Field(
-        1.5, gt=0, description="Inference p95 against the previous model's."
+        1.5,
+        gt=0,
+        description="Inference p95 against the previous model's latest frames (the median "
+        "under 60 timed frames, where a p95 is the slowest frame).",
+    )
+    warmup_frames: int = Field(
+        3, ge=0, description="The new model's first inferences, left out of its timing."
+    )
+    retries: int = Field(
+        1,
+        ge=0,
+        description="Soft failures (slower, blinder, later) a version is sent back for and "
+        "tried again later before it is rejected for good; failed inferences reject at once.",
     )
     max_empty_increase: float = Field(
         0.3,

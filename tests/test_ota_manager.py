@@ -188,15 +188,27 @@ def test_a_collapsed_model_is_refused_by_the_golden_self_test(
 def test_a_collapsed_model_that_gets_past_the_self_test_is_rolled_back_in_probation(
     tmp_path, video, fp32_model, collapsed_model, golden_set, channel, server
 ):
+    """Blindness is a soft failure (a scene change can look like it): the first probation sends
+    the model back without rejecting it, the next one it fails rejects it for good."""
     channel.publish(collapsed_model, "1.1.0", golden_set)
     config = make_config(tmp_path, fp32_model, video, channel, server.url, self_test_min_recall=0.0)
     with running(config) as run:
         assert run.manager.call("check")["updated"]
-        event = run.wait_event("ota_rolled_back")
+        first = run.wait_event("ota_rolled_back")
         assert run.agent.model().info.model_name == BASE_NAME
-    assert "looks blind" in event["details"]["reason"]
+        postponed = run.manager.state
+        assert "1.1.0" not in postponed.rejected and postponed.soft_failures == {"1.1.0": 1}
+        assert postponed.last_outcome["result"] == "postponed"
+        assert first["details"]["rejected"] is False and first["level"] == "warning"
+        run.wait_frames(run.agent.pipeline.stats.frames_out + 12)  # the base model's baseline
+        assert run.manager.call("check")["updated"]  # offered again: not rejected
+        deadline = time.monotonic() + 60
+        while run.kinds().count("ota_rolled_back") < 2:
+            assert time.monotonic() < deadline, run.kinds()
+            time.sleep(0.05)
+    assert "looks blind" in first["details"]["reason"]
     state = run.manager.state
-    assert state.active is None and "1.1.0" in state.rejected
+    assert state.active is None and "1.1.0" in state.rejected and not state.soft_failures
     assert state.last_outcome["result"] == "rolled_back"
     versions = [r["model"]["version"] for r in frames(tmp_path)]
     assert "1.1.0" in versions and versions[-1] != "1.1.0"  # it ran, then it was sent back

@@ -45,3 +45,42 @@ def test_slower_blinder_or_later_than_the_previous_model_fails():
 def test_without_a_baseline_only_failures_are_judged():
     assert judge(stats(50, 500, empty=50), stats(3, 60), 10, LIMITS).state == "pass"
     assert judge(stats(50, 60, failures=10), None, 10, LIMITS).state == "fail"
+
+
+def timed(values: list[float], frames: int | None = None) -> ModelStats:
+    record = ModelStats()
+    for value in values:
+        record.inference.add(value)
+    record.frames = len(values) if frames is None else frames
+    return record
+
+
+def test_the_first_inferences_of_a_new_model_are_warm_up_not_evidence():
+    """The first frame of a fresh session (allocations, cold caches) once decided probation."""
+    old = timed([60.0] * 100)
+    fresh = timed([900.0, 300.0, 150.0] + [61.0] * 47)  # 50 frames, the first three warming up
+    verdict = judge(fresh, old, 10.0, LIMITS)
+    assert verdict.state == "pass" and verdict.figures["p50_ratio"] < 1.1, verdict
+
+
+def test_a_few_slow_frames_among_fifteen_do_not_fail_a_model_of_the_same_speed():
+    """Over 15 frames the p95 is the slowest frame: one load burst failed a good model."""
+    limits = ProbationConfig(frames=15, seconds=30, min_frames=5)
+    old = timed([60.0] * 200)
+    bursty = timed([60.0] * 3 + [58.0, 62.0, 240.0, 61.0, 59.0, 60.0, 63.0, 180.0] + [60.0] * 4)
+    verdict = judge(bursty, old, 5.0, limits)
+    assert verdict.state == "pass", verdict
+    slower = judge(timed([95.0] * 18), old, 5.0, limits)  # really 1.6x slower: still caught
+    assert slower.state == "fail" and not slower.hard and "p50" in slower.reasons[0]
+
+
+def test_the_baseline_is_the_previous_models_latest_frames_not_its_whole_history():
+    limits = ProbationConfig(frames=50, seconds=30, min_frames=10)
+    old = timed([30.0] * 800 + [60.0] * 200)  # it ran alone at first; the scene got busier
+    verdict = judge(timed([62.0] * 50), old, 10.0, limits)
+    assert verdict.state == "pass", verdict
+
+
+def test_failed_inferences_are_a_hard_failure():
+    verdict = judge(stats(0, 60, failures=10), stats(100, 60), 1.0, LIMITS)
+    assert verdict.state == "fail" and verdict.hard

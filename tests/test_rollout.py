@@ -55,6 +55,8 @@ def device(index: int, outcome: str = "pending", online: bool = True, **extra) -
         fields["last_outcome"] = {"result": "rolled_back", "version": VERSION}
     elif outcome == "probation":
         fields = {"active_version": "1.0.0", "probation_version": VERSION}
+    elif outcome == "postponed":  # a soft probation failure: sent back, tried again later
+        fields["last_outcome"] = {"result": "postponed", "version": VERSION}
     defaults = {"channel": "stable", "model_name": NAME, "target": "cpu-x86_64"}
     return DeviceReport(f"cam-{index:04d}", online, **{**defaults, **fields, **extra})
 
@@ -112,6 +114,14 @@ def test_a_bad_release_halts_with_the_most_common_reason():
     withdrawing = RolloutPolicy(withdraw_on_halt=True)
     decision = decide(release(5), fleet(5, 400, outcomes), withdrawing, NOW)
     assert decision.action == "halt" and decision.withdraw and decision.new_percent == 0
+
+
+def test_postponed_probations_are_unknown_outcomes_that_never_halt_a_release():
+    members = cohort(5, 400)
+    outcomes = {i: "postponed" if n % 2 else "committed" for n, i in enumerate(members)}
+    decision = decide(release(5), fleet(5, 400, outcomes), POLICY, NOW)
+    assert decision.action == "hold" and decision.counts["failed"] == 0
+    assert decision.counts["pending"] >= len(members) // 2
 
 
 def test_a_halt_needs_enough_outcomes_unless_the_cohort_is_smaller():

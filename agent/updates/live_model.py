@@ -144,9 +144,10 @@ class LiveModel:
         if verdict.state == "pending":
             return
         if verdict.state == "fail":
-            self._end_probation_with_rollback(
-                "probation failed: " + "; ".join(verdict.reasons), verdict.figures
-            )
+            reason = "probation failed: " + "; ".join(verdict.reasons)
+            tried = self.state.soft_failures.get(run.version, 0)
+            final = verdict.hard or tried >= self.ota.probation.retries
+            self._end_probation_with_rollback(reason, verdict.figures, reject=final)
             return
 
         def commit(state: StoreState) -> None:
@@ -172,8 +173,11 @@ class LiveModel:
         self.on_change()
 
     def _end_probation_with_rollback(
-        self, reason: str, figures: dict[str, Any] | None = None
+        self, reason: str, figures: dict[str, Any] | None = None, reject: bool = True
     ) -> dict[str, Any]:
+        """Back to the previous model. ``reject``: the version never comes back; else (a soft
+        failure, the first time) it is offered again at a later check, and the outcome says
+        ``postponed``, which the fleet's rollout counts as unknown, not failed."""
         run = self.probation
         assert run is not None and self.take_over is not None
         with self.lock:
@@ -181,13 +185,17 @@ class LiveModel:
             self.probation = None
 
             def roll_back(state: StoreState) -> None:
-                state.rejected[run.version] = reason
+                if reject:
+                    state.rejected[run.version] = reason
+                    state.soft_failures.pop(run.version, None)
+                else:
+                    state.soft_failures[run.version] = state.soft_failures.get(run.version, 0) + 1
                 previous = state.previous
                 state.active = previous if previous and previous.slot else None
                 state.previous = None
                 state.probation = None
                 state.last_outcome = {
-                    "result": "rolled_back",
+                    "result": "rolled_back" if reject else "postponed",
                     "version": run.version,
                     "reason": reason,
                     "figures": figures,
@@ -198,14 +206,16 @@ class LiveModel:
         retire(run.backend, keep=self.active_model)
         self.progress = {}
         back_to = self.active_record()
+        later = "" if reject else " (not rejected: it is tried again at a later check)"
         self.emit(
             "ota_rolled_back",
             f"rolled back from {run.version} to {back_to.version if back_to else 'the base model'}:"
-            f" {reason}",
-            "error",
+            f" {reason}{later}",
+            "error" if reject else "warning",
             version=run.version,
             reason=reason,
             figures=figures,
+            rejected=reject,
         )
         self.on_change()
         return {"rolled_back": run.version, "reason": reason}

@@ -77,6 +77,7 @@ class StoreState(BaseModel):
     pinned: str | None = None
     rejected: dict[str, str] = Field(default_factory=dict)  # version -> why
     interrupted: dict[str, int] = Field(default_factory=dict)  # version -> probations cut short
+    soft_failures: dict[str, int] = Field(default_factory=dict)  # version -> probations postponed
     last_outcome: dict[str, Any] | None = None
     updated: float = 0.0
 
