@@ -63,6 +63,7 @@ def test_unavailable_probes_are_absent_not_zero():
     data = probes.read()
     available = probes.available()
     assert data["system"]["rss_bytes"] > 0
+    assert data["system"]["threads"] >= 1 and data["system"]["open_fds"] >= 3
     for key, probe in (("gpus", "nvml"), ("npu", "rknpu")):
         assert (key in data) == available[probe]
     probes.close()

@@ -37,6 +37,8 @@ class HostProbe:
             "process_cpu_percent": self._process.cpu_percent(interval=None),
             "memory_percent": memory.percent,
             "rss_bytes": self._process.memory_info().rss,
+            "threads": self._process.num_threads(),  # a leak of either shows here first
+            "open_fds": self._process.num_fds(),
             "load_1m": psutil.getloadavg()[0],
         }
         temperatures = self._temperatures()
