@@ -350,11 +350,25 @@ class ProbationConfig(StrictModel):
     max_error_rate: float = Field(
         0.05, ge=0, le=1, description="Failed inferences / frames tried (cancelled ones too)."
     )
-    max_p95_ratio: float = Field(
-        1.5,
+    max_latency_ratio: float = Field(
+        1.3,
         gt=0,
-        description="Inference p95 against the previous model's latest frames (the median "
-        "under 60 timed frames, where a p95 is the slowest frame).",
+        description="Median inference time against the previous model's latest frames'.",
+    )
+    max_p95_ratio: float = Field(
+        2.0,
+        gt=0,
+        description="Inference p95 against the previous model's latest frames', judged once "
+        "both have 60 timed frames (a p95 of fewer is their slowest frame).",
+    )
+    min_agreement: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Paired frames: how well the two models' boxes must agree (0..1) on most.",
+    )
+    pair_every: int = Field(
+        2, ge=1, description="Run the previous model too on every Nth frame while on probation."
     )
     warmup_frames: int = Field(
         3, ge=0, description="The new model's first inferences, left out of its timing."

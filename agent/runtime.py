@@ -109,6 +109,7 @@ class Agent:
                 self.model.swap,  # between two frames: the frame in inference finishes
                 self.pipeline.stats.for_model,
                 self.link.publish_model if self.link is not None else lambda: None,
+                lambda shadow: setattr(self.model, "shadow", shadow),
             )
         self.ladder = RecoveryLadder(
             config,

@@ -121,8 +121,10 @@ def test_a_new_model_goes_live_between_two_frames_and_none_is_dropped(
     with running(config) as run:
         result = run.manager.call("check", {"trigger": "test"})
         assert result["ok"] and result["updated"], result
-        run.wait_event("ota_committed")
+        committed = run.wait_event("ota_committed")
         assert run.version() == "1.1.0"
+        assert committed["details"]["figures"]["pairs"] >= 1  # the old model ran beside it
+        assert run.agent.model.shadow is None  # and no longer does
         run.wait_frames(run.agent.pipeline.stats.frames_out + 3)
         stats = run.agent.pipeline.stats
         assert stats.dropped == 0 and stats.errors == 0
@@ -206,7 +208,8 @@ def test_a_collapsed_model_that_gets_past_the_self_test_is_rolled_back_in_probat
         while run.kinds().count("ota_rolled_back") < 2:
             assert time.monotonic() < deadline, run.kinds()
             time.sleep(0.05)
-    assert "looks blind" in first["details"]["reason"]
+    reason = first["details"]["reason"]
+    assert "disagrees with the previous model" in reason or "looks blind" in reason, reason
     state = run.manager.state
     assert state.active is None and "1.1.0" in state.rejected and not state.soft_failures
     assert state.last_outcome["result"] == "rolled_back"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from agent.config import ProbationConfig
-from agent.updates.probation import judge
+from agent.updates.probation import PairedEvidence, agreement, judge
+from agent.vision import Detection, PairedFrame
 from agent.vision.stats import ModelStats
 
 LIMITS = ProbationConfig(frames=50, seconds=30, min_frames=10)
@@ -84,3 +85,61 @@ def test_the_baseline_is_the_previous_models_latest_frames_not_its_whole_history
 def test_failed_inferences_are_a_hard_failure():
     verdict = judge(stats(0, 60, failures=10), stats(100, 60), 1.0, LIMITS)
     assert verdict.state == "fail" and verdict.hard
+
+
+# -- the paired test --------------------------------------------------------------------------
+def detection(x: float, y: float, w: float = 100, h: float = 200, cls: int = 0) -> Detection:
+    return Detection(cls, "person", 0.9, (x, y, x + w, y + h))
+
+
+def pairs(count: int, ratio: float, rng, shift: float = 0.0, bursts: float = 0.1):
+    """Frames run through both models under the same load: now and then a burst slows one of
+    the two (each hit independently), as another process on a shared machine does."""
+    evidence = PairedEvidence(warmup=3)
+    for _ in range(count):
+        old_ms = 100.0 * rng.uniform(0.9, 1.1)
+        new_ms = old_ms * ratio * rng.uniform(0.95, 1.05)
+        if rng.random() < bursts:
+            new_ms *= rng.uniform(2, 4)
+        if rng.random() < bursts:
+            old_ms *= rng.uniform(2, 4)
+        x = rng.uniform(0, 500)
+        old = [detection(x, 100), detection(x + 150, 120, 60, 120)]
+        new = [detection(d.box[0] + shift, d.box[1], d.box[2] - d.box[0], d.box[3] - d.box[1])
+               for d in old]  # fmt: skip
+        evidence.add(PairedFrame(new_ms, old_ms, new, old))
+    return evidence
+
+
+def test_agreement_is_one_for_the_same_boxes_and_falls_with_shifts_and_blindness():
+    boxes = [detection(10, 10), detection(300, 50, 60, 120)]
+    assert agreement(boxes, boxes) == 1.0 and agreement([], []) == 1.0
+    assert agreement([], boxes) == 0.0  # blind where the old model saw people
+    shifted = [detection(40, 10), detection(330, 50, 60, 120)]
+    assert 0.2 < agreement(shifted, boxes) < 0.6
+    assert agreement([detection(10, 10, cls=2)], [detection(10, 10)]) == 0.0  # another class
+
+
+def test_the_paired_test_passes_a_twin_and_catches_slow_and_shifted_models_early():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    limits = ProbationConfig(frames=100, seconds=60, min_frames=10)
+    ok = stats(50, 100)
+    twin = judge(ok, stats(200, 100), 5.0, limits, pairs(25, 1.0, rng))
+    assert twin.state == "pass" and twin.figures["pairs"] == 22, twin
+    slow = judge(ok, stats(200, 100), 5.0, limits, pairs(25, 1.5, rng))
+    assert slow.state == "fail" and not slow.hard and "same frames" in slow.reasons[0], slow
+    shifted = judge(ok, stats(200, 100), 5.0, limits, pairs(25, 1.0, rng, shift=30))
+    assert shifted.state == "fail" and "disagrees" in shifted.reasons[0], shifted
+    early = judge(stats(5, 100), stats(200, 100), 1.0, limits, pairs(6, 1.5, rng))
+    assert early.state == "pending"  # too few pairs to say anything yet
+
+
+def test_a_borderline_model_is_inconclusive_at_the_end_never_failed():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    limits = ProbationConfig(frames=30, seconds=60, min_frames=10, max_latency_ratio=1.3)
+    verdict = judge(stats(30, 100), stats(200, 100), 5.0, limits, pairs(12, 1.38, rng))
+    assert verdict.state == "inconclusive" and not verdict.hard, verdict

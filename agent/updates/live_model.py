@@ -18,8 +18,8 @@ from typing import Any
 from agent import failpoints
 from agent.config import OtaConfig
 from agent.updates.model_store import ModelStore, Probation, SlotRecord, StoreState
-from agent.updates.probation import judge
-from agent.vision import Backend, ModelStats
+from agent.updates.probation import PairedEvidence, judge
+from agent.vision import Backend, ModelStats, Shadow
 
 RETIRE_AFTER_S = 5.0  # frames already in flight with a replaced model finish within this
 
@@ -35,6 +35,7 @@ class ProbationRun:
     previous_backend: Backend
     previous_stats: ModelStats
     started: float  # monotonic
+    evidence: PairedEvidence = dataclasses.field(default_factory=PairedEvidence)
 
 
 def with_identity(backend: Backend, record: SlotRecord) -> Backend:
@@ -68,6 +69,7 @@ class LiveModel:
         self.active_model: Callable[[], Backend] | None = None
         self.take_over: Callable[[Backend], None] | None = None
         self.stats_for: Callable[[Backend], ModelStats] | None = None
+        self.set_shadow: Callable[[Shadow | None], None] = lambda shadow: None
         self.on_change: Callable[[], None] = lambda: None
 
     @property
@@ -103,13 +105,17 @@ class LiveModel:
         assert self.stats_for is not None
         previous_backend = self.active_model()
         with self.lock:
+            limits = self.ota.probation
+            evidence = PairedEvidence(warmup=limits.warmup_frames)
             self.take_over(backend)  # the next frame runs on the new model
+            self.set_shadow(Shadow(previous_backend, evidence.add, limits.pair_every))
             self.probation = ProbationRun(
                 staged.version,
                 backend,
                 previous_backend,
                 self.stats_for(previous_backend),
                 time.monotonic(),
+                evidence,
             )
 
             failpoints.reach("swap")  # swapped in memory, not yet on disk
@@ -140,8 +146,13 @@ class LiveModel:
             run.previous_stats,
             time.monotonic() - run.started,
             self.ota.probation,
+            run.evidence,
         )
         if verdict.state == "pending":
+            return
+        if verdict.state == "inconclusive":  # not enough evidence: never a reason to reject
+            reason = "probation postponed: " + "; ".join(verdict.reasons)
+            self._end_probation_with_rollback(reason, verdict.figures, reject=False, count=False)
             return
         if verdict.state == "fail":
             reason = "probation failed: " + "; ".join(verdict.reasons)
@@ -160,6 +171,7 @@ class LiveModel:
             }
 
         with self.lock:
+            self.set_shadow(None)
             self.update(commit)
             self.probation = None
         self.progress = {}
@@ -173,7 +185,11 @@ class LiveModel:
         self.on_change()
 
     def _end_probation_with_rollback(
-        self, reason: str, figures: dict[str, Any] | None = None, reject: bool = True
+        self,
+        reason: str,
+        figures: dict[str, Any] | None = None,
+        reject: bool = True,
+        count: bool = True,
     ) -> dict[str, Any]:
         """Back to the previous model. ``reject``: the version never comes back; else (a soft
         failure, the first time) it is offered again at a later check, and the outcome says
@@ -181,6 +197,7 @@ class LiveModel:
         run = self.probation
         assert run is not None and self.take_over is not None
         with self.lock:
+            self.set_shadow(None)
             self.take_over(run.previous_backend)
             self.probation = None
 
@@ -188,7 +205,7 @@ class LiveModel:
                 if reject:
                     state.rejected[run.version] = reason
                     state.soft_failures.pop(run.version, None)
-                else:
+                elif count:
                     state.soft_failures[run.version] = state.soft_failures.get(run.version, 0) + 1
                 previous = state.previous
                 state.active = previous if previous and previous.slot else None

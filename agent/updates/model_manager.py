@@ -29,7 +29,7 @@ from agent.updates.live_model import LiveModel, ManagerError
 from agent.updates.model_store import ModelStore, SlotRecord, StoreError, StoreState
 from agent.updates.ota import ChannelClient, OtaError, announce_delay, poll_delay
 from agent.updates.update_flow import UpdateFlow
-from agent.vision import Backend, ModelStats, local_engine_environment
+from agent.vision import Backend, ModelStats, Shadow, local_engine_environment
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,15 @@ class ModelManager:
         take_over: Callable[[Backend], None],
         stats_for: Callable[[Backend], ModelStats],
         on_change: Callable[[], None],
+        set_shadow: Callable[[Shadow | None], None] | None = None,
     ) -> None:
-        """Wire the loop in: the model it runs now, how to swap it, its statistics."""
+        """Wire the loop in: the model it runs now, how to swap it, its statistics, and how to
+        run the previous model beside it on the same frames during a probation."""
         live = self.live
         live.active_model, live.take_over = active_model, take_over
         live.stats_for, live.on_change = stats_for, on_change
+        if set_shadow is not None:
+            live.set_shadow = set_shadow
 
     # -- the thread and its requests ---------------------------------------------------------------
     def start(self) -> None:

@@ -23,7 +23,7 @@ from agent.vision.backends.engine_cache import gpu_slug
 from agent.vision.backends.engine_cache import local_environment as local_engine_environment
 from agent.vision.backends.engine_cache import resolve_precision as resolve_engine_precision
 from agent.vision.backends.engine_cache import subscribe as on_engine_builds
-from agent.vision.pipeline import ActiveModel, Pipeline
+from agent.vision.pipeline import ActiveModel, PairedFrame, Pipeline, Shadow
 from agent.vision.postprocess import (
     Detection,
     DetectionParams,
@@ -54,9 +54,11 @@ __all__ = [
     "FrameSource",
     "Letterbox",
     "ModelStats",
+    "PairedFrame",
     "Pipeline",
     "PipelineStats",
     "Preprocessor",
+    "Shadow",
     "Sink",
     "StdoutSink",
     "annotate",

@@ -25,7 +25,7 @@ import numpy as np
 from agent.config import DetectionConfig, PipelineConfig
 from agent.contract.errors import SourceError
 from agent.vision.backends.base import Backend
-from agent.vision.postprocess import DetectionParams, decode
+from agent.vision.postprocess import Detection, DetectionParams, decode
 from agent.vision.preprocess import Letterbox, Preprocessor
 from agent.vision.result import FrameResult
 from agent.vision.sinks import Sink
@@ -45,12 +45,33 @@ def lower_thread_priority(nice: int) -> None:
         log.debug("cannot lower thread priority: %s", exc)
 
 
+@dataclass(frozen=True)
+class Shadow:
+    """A second model run on the same frames as the active one, at the same moment: how a new
+    model on probation is compared with the one it replaced, under the same load."""
+
+    backend: Backend
+    record: Callable[[PairedFrame], None]  # called on the postprocess thread
+    every: int = 2  # pair every Nth frame (a pair costs a second inference)
+
+
+@dataclass(frozen=True)
+class PairedFrame:
+    """One frame run through both models: their inference times and their detections."""
+
+    new_ms: float
+    old_ms: float
+    new: list[Detection]
+    old: list[Detection]
+
+
 class ActiveModel:
     """The one reference the loop reads per frame; swapping it replaces the model between frames."""
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self.previous: Backend | None = None
+        self.shadow: Shadow | None = None  # set while a new model is on probation
         self._lock = threading.Lock()
 
     def __call__(self) -> Backend:
@@ -108,6 +129,7 @@ class Job:
     letterbox: Letterbox
     latency_ms: dict[str, float] = field(default_factory=dict)
     output: np.ndarray | None = None
+    shadow: tuple[Shadow, np.ndarray, float] | None = None  # its output and time, when paired
 
 
 class Pipeline:
@@ -129,6 +151,7 @@ class Pipeline:
         self.max_frames = max_frames
         self.stats = PipelineStats(config.latency_window)
         self.error: SourceError | None = None
+        self._paired_frames = 0
         self.crashed: str | None = None  # "stage: exception" when a stage died of a bug
         self.last_result: FrameResult | None = None
         self._detection = detection
@@ -339,6 +362,7 @@ class Pipeline:
                     if generation == self._inference_generation:
                         self.busy_since["inference"] = None
                 elapsed = (time.perf_counter() - started) * 1000
+                job.shadow = self._run_shadow(job)
             finally:
                 job.preprocessor.pool.release(job.tensor)
             if generation != self._inference_generation:
@@ -352,6 +376,37 @@ class Pipeline:
                 self.stats.add_device_time(device_ms)
             self._to_postprocess.put(job)
         self._to_postprocess.put(_END)
+
+    def _run_shadow(self, job: Job) -> tuple[Shadow, np.ndarray, float] | None:
+        """The shadow model on this frame's tensor, when one is set, this frame is due and its
+        input is the same; None otherwise, or when it fails (not the new model's fault)."""
+        shadow = getattr(self.model, "shadow", None)
+        if shadow is None or shadow.backend is job.model:
+            return None
+        self._paired_frames += 1
+        if self._paired_frames % shadow.every:
+            return None
+        mine, theirs = job.model.info, shadow.backend.info
+        if (mine.imgsz, mine.input_dtype) != (theirs.imgsz, theirs.input_dtype):
+            return None
+        started = time.perf_counter()
+        try:
+            output = shadow.backend.infer(job.tensor)
+        except Exception as exc:
+            log.debug("shadow inference failed: %r", exc)
+            return None
+        return shadow, output, (time.perf_counter() - started) * 1000
+
+    def _record_pair(self, job: Job, detections: list[Detection]) -> None:
+        assert job.shadow is not None
+        shadow, output, old_ms = job.shadow
+        backend = shadow.backend
+        try:
+            theirs = decode(output, job.letterbox, self._params_for(backend),
+                            backend.info.class_names)  # fmt: skip
+            shadow.record(PairedFrame(job.latency_ms["inference"], old_ms, detections, theirs))
+        except Exception as exc:  # the comparison must never cost the frame
+            log.warning("probation pair dropped: %r", exc)
 
     def _params_for(self, model: Backend) -> DetectionParams:
         key = id(model.info)
@@ -387,6 +442,8 @@ class Pipeline:
             self.stats.count("errors")
             return
         post_ms = (time.perf_counter() - started) * 1000
+        if job.shadow is not None:
+            self._record_pair(job, detections)
         self.stats.latency["postprocess"].add(post_ms)
         job.latency_ms["postprocess"] = post_ms
         total_ms = (time.monotonic() - job.frame.captured) * 1000
