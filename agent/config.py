@@ -362,7 +362,7 @@ class ProbationConfig(StrictModel):
         "both have 60 timed frames (a p95 of fewer is their slowest frame).",
     )
     min_agreement: float = Field(
-        0.6,
+        0.8,
         ge=0,
         le=1,
         description="Paired frames: how well the two models' boxes must agree (0..1) on most.",

@@ -35,7 +35,7 @@ import numpy as np
 from common import shared_dir_or_exit
 
 from agent.config import ModelConfig, ProbationConfig
-from agent.updates.probation import PairedEvidence, judge
+from agent.updates.probation import EXTEND, PairedEvidence, judge
 from agent.vision import (
     Detection,
     DetectionParams,
@@ -100,25 +100,26 @@ def detections(found: list, shift: float = 0.0) -> list[Detection]:
 
 
 def paired_probation(footage, scale: float, shift: float, limits: ProbationConfig, rng):
-    """The paired judge, looked at after every pair as the model manager does."""
+    """The paired judge, looked at after every frame as the model manager does (it looks every
+    0.25 s); the new model's counters grow frame by frame as they do live."""
     video = footage[rng.integers(len(footage))]
-    swap = int(rng.integers(BEFORE, len(video) - AFTER))
+    swap = int(rng.integers(BEFORE, len(video) - EXTEND * AFTER))  # room to watch an empty scene
     bursts = rng.uniform(0.05, 0.15)
-    window = video[swap : swap + AFTER]
-    new = stats_of(window, scale, bursts, rng, warm_up=True)
     old = stats_of(video[swap - BEFORE : swap], 1.0, bursts, rng, warm_up=False)
+    new = ModelStats()
     evidence = PairedEvidence(warmup=limits.warmup_frames)
     verdict = None
-    for index in range(0, len(window), limits.pair_every):
-        millis, found = window[index]
+    for index, (millis, found) in enumerate(video[swap : swap + EXTEND * AFTER]):
         load = [rng.uniform(2, 4) if rng.random() < bursts else 1.0 for _ in range(2)]
-        new_ms = millis * scale * rng.uniform(0.97, 1.03) * load[0]
-        if index == 0:
-            new_ms *= 5.0
-        evidence.add(PairedFrame(new_ms, millis * load[1], detections(found, shift),
-                                 detections(found)))  # fmt: skip
+        new_ms = millis * scale * rng.uniform(0.97, 1.03) * load[0] * (5.0 if index == 0 else 1)
+        new.inference.add(new_ms)
+        new.frames += 1
+        new.empty += 0 if found else 1
+        if index % limits.pair_every == 0:
+            evidence.add(PairedFrame(new_ms, millis * load[1], detections(found, shift),
+                                     detections(found)))  # fmt: skip
         verdict = judge(new, old, (index + 1) / 10.0, limits, evidence)
-        if verdict.state not in ("pending",):
+        if verdict.state != "pending":
             return verdict
     return verdict
 
@@ -153,7 +154,7 @@ def main() -> int:
         footage = [record(model, shared / "videos" / name, args.stride) for name in VIDEOS]
         if args.recording is not None:
             args.recording.write_text(json.dumps(footage))
-    footage = [frames for frames in footage if len(frames) > BEFORE + AFTER]
+    footage = [frames for frames in footage if len(frames) > BEFORE + EXTEND * AFTER]
     if not footage:
         print("the shared videos are too short for a probation window", file=sys.stderr)
         return 2
