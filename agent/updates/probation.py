@@ -61,6 +61,12 @@ def _timing(
     return found
 
 
+def _failed_inferences(new: ModelStats, limits: ProbationConfig, figures: dict) -> Verdict:
+    """The hard failure: inferences that fail are the model's fault whatever the load."""
+    reason = f"{new.failures} of {new.attempts} inferences failed"
+    return Verdict("fail", [f"{reason} (limit {limits.max_error_rate:.0%})"], figures, hard=True)
+
+
 def _rate(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
@@ -87,12 +93,7 @@ def judge(
     }
     # a model that fails outright is sent back as soon as that is certain, not at the end
     if new.failures >= limits.min_frames and error_rate > limits.max_error_rate:
-        return Verdict(
-            "fail",
-            [f"{new.failures} of {attempts} inferences failed (limit {limits.max_error_rate:.0%})"],
-            figures,
-            hard=True,
-        )
+        return _failed_inferences(new, limits, figures)
     enough = attempts >= limits.frames or (
         elapsed_s >= limits.seconds and attempts >= limits.min_frames
     )
@@ -100,14 +101,11 @@ def judge(
         figures["pairs"] = len(evidence)
     if evidence is not None and len(evidence) >= MIN_PAIRS:
         overdue = attempts >= EXTEND * limits.frames or elapsed_s >= EXTEND * limits.seconds
-        return _paired_verdict(evidence, limits, figures, enough, overdue, error_rate, attempts)
+        return _paired_verdict(evidence, new, limits, figures, enough, overdue, error_rate)
     if not enough:
         return Verdict("pending", [], figures)
     if error_rate > limits.max_error_rate:
-        reason = (
-            f"{new.failures} of {attempts} inferences failed (limit {limits.max_error_rate:.0%})"
-        )
-        return Verdict("fail", [reason], figures, hard=True)
+        return _failed_inferences(new, limits, figures)
     reasons = []
     if old is not None and old.frames >= MIN_BASELINE_FRAMES and new.frames:
         for name, mine, theirs, limit in _timing(new, old, limits.warmup_frames, limits):
@@ -198,21 +196,20 @@ def sign_test(bad: int, n: int) -> str:
 
 def _paired_verdict(
     evidence: PairedEvidence,
+    new: ModelStats,
     limits: ProbationConfig,
     figures: dict[str, Any],
     enough: bool,
     overdue: bool,
     error_rate: float,
-    attempts: int,
 ) -> Verdict:
+    attempts = new.attempts
     paired = judge_pairs(evidence, limits)
     figures.update(paired.figures)
     if paired.state == "fail":
         return Verdict("fail", paired.reasons, figures)
     if error_rate > limits.max_error_rate and attempts >= limits.min_frames:
-        limit = f"limit {limits.max_error_rate:.0%}"
-        return Verdict("fail", [f"{error_rate:.0%} of inferences failed ({limit})"], figures,
-                       hard=True)  # fmt: skip
+        return _failed_inferences(new, limits, figures)
     if paired.state == "pass" and attempts >= limits.min_frames:
         return Verdict("pass", [], figures)
     if not enough or (figures["pairs_with_detections"] < MIN_PAIRS and not overdue):
