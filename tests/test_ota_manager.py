@@ -49,14 +49,7 @@ def make_config(tmp_path: Path, model: Path, video: Path, channel, url: str, **o
                 "model_name": "yolov8n-coco",
                 "first_check_s": 3600,  # the tests ask for checks themselves
                 "retry_backoff_s": 0.2,
-                # the timing verdict is test_probation's; a p95 on 2 shared cores is noise here
-                "probation": {
-                    "frames": 15,
-                    "seconds": 30,
-                    "min_frames": 5,
-                    "max_p95_ratio": 10.0,
-                    "max_late_increase": 1.0,
-                },
+                "probation": {"frames": 15, "seconds": 30, "min_frames": 5},
                 **ota,
             },
         }
@@ -114,9 +107,9 @@ def frames(tmp_path: Path) -> list[dict]:
 
 
 def test_a_new_model_goes_live_between_two_frames_and_none_is_dropped(
-    tmp_path, video, fp32_model, dynamic_model, golden_set, channel, server
+    tmp_path, video, fp32_model, update_model, update_golden, channel, server
 ):
-    channel.publish(dynamic_model, "1.1.0", golden_set)
+    channel.publish(update_model, "1.1.0", update_golden)
     config = make_config(tmp_path, fp32_model, video, channel, server.url)
     with running(config) as run:
         result = run.manager.call("check", {"trigger": "test"})
@@ -149,9 +142,9 @@ def test_a_new_model_goes_live_between_two_frames_and_none_is_dropped(
 
 
 def test_operator_rollback_and_pin(
-    tmp_path, video, fp32_model, dynamic_model, golden_set, channel, server
+    tmp_path, video, fp32_model, update_model, update_golden, channel, server
 ):
-    channel.publish(dynamic_model, "1.1.0", golden_set)
+    channel.publish(update_model, "1.1.0", update_golden)
     config = make_config(tmp_path, fp32_model, video, channel, server.url)
     with running(config) as run:
         assert run.manager.call("check")["updated"]

@@ -141,5 +141,26 @@ def test_a_borderline_model_is_inconclusive_at_the_end_never_failed():
 
     rng = np.random.default_rng(1)
     limits = ProbationConfig(frames=30, seconds=60, min_frames=10, max_latency_ratio=1.3)
-    verdict = judge(stats(30, 100), stats(200, 100), 5.0, limits, pairs(12, 1.38, rng))
+    evidence = pairs(12, 1.38, rng)
+    assert judge(stats(30, 100), stats(200, 100), 5.0, limits, evidence).state == "pending"
+    verdict = judge(stats(120, 100), stats(200, 100), 25.0, limits, evidence)  # 4x the budget
     assert verdict.state == "inconclusive" and not verdict.hard, verdict
+
+
+def test_frames_made_late_by_the_shadow_never_count_against_the_new_model():
+    """CI once sent a new build of the same model back for "60% of frames late against 0%
+    before": the old model's shadow inference made the paired frames late. With pairs under
+    way only the pairs judge; too few pairs by the end is inconclusive, never a failure."""
+    import numpy as np
+
+    limits = ProbationConfig(frames=15, seconds=30, min_frames=5)
+    late_and_few = judge(stats(15, 100, late=9), stats(200, 100), 5.0, limits,
+                         pairs(7, 1.0, np.random.default_rng(2)))  # fmt: skip
+    assert late_and_few.state == "pending", late_and_few
+    twin = judge(stats(15, 100, late=9), stats(200, 100), 5.0, limits,
+                 pairs(25, 1.0, np.random.default_rng(3)))  # fmt: skip
+    assert twin.state == "pass", twin
+    overdue = judge(stats(60, 100, late=40), stats(200, 100), 121.0, limits, PairedEvidence())
+    assert overdue.state == "inconclusive" and not overdue.hard, overdue
+    broken = judge(stats(0, 100, failures=15), stats(200, 100), 5.0, limits, PairedEvidence())
+    assert broken.state == "fail" and broken.hard, broken

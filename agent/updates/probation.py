@@ -99,9 +99,22 @@ def judge(
     )
     if evidence is not None:
         figures["pairs"] = len(evidence)
-    if evidence is not None and len(evidence) >= MIN_PAIRS:
+    if evidence is not None:
+        # Paired: judged on the pairs alone. The unpaired rules do not apply here: the previous
+        # model's shadow inference delays every paired frame, so lateness (and the per-model
+        # history) would blame the new model for the probation's own cost.
         overdue = attempts >= EXTEND * limits.frames or elapsed_s >= EXTEND * limits.seconds
-        return _paired_verdict(evidence, new, limits, figures, enough, overdue, error_rate)
+        if len(evidence) >= MIN_PAIRS:
+            return _paired_verdict(evidence, new, limits, figures, enough, overdue, error_rate)
+        if error_rate > limits.max_error_rate and enough:
+            return _failed_inferences(new, limits, figures)
+        if not overdue:
+            return Verdict("pending", [], figures)
+        return Verdict(
+            "inconclusive",
+            [f"too few frames ran both models within the probation ({len(evidence)} pairs)"],
+            figures,
+        )
     if not enough:
         return Verdict("pending", [], figures)
     if error_rate > limits.max_error_rate:
@@ -212,12 +225,14 @@ def _paired_verdict(
         return _failed_inferences(new, limits, figures)
     if paired.state == "pass" and attempts >= limits.min_frames:
         return Verdict("pass", [], figures)
-    if not enough or (figures["pairs_with_detections"] < MIN_PAIRS and not overdue):
-        return Verdict("pending", [], figures)  # an empty scene says nothing yet: watch longer
+    if not enough:
+        return Verdict("pending", [], figures)
     if (figures["median_time_ratio"] <= limits.max_latency_ratio
             and figures["pairs_with_detections"] >= MIN_PAIRS
             and figures["median_agreement"] >= limits.min_agreement):  # fmt: skip
         return Verdict("pass", [], figures)  # undecided, but no worse on the point estimates
+    if not overdue:  # an empty scene, or estimates that lean against it: the sign test decides
+        return Verdict("pending", [], figures)
     return Verdict(
         "inconclusive",
         [f"the paired test did not decide within the probation ({len(evidence)} pairs)"],
