@@ -203,9 +203,16 @@ def first_conv_weights(model: onnx.ModelProto) -> list[str]:
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader over letterboxed images, with a progress bar."""
+    """ONNX Runtime's CalibrationDataReader over letterboxed images, with a progress bar.
 
-    def __init__(self, input_name: str, batches: Iterable, total: int, progress: bool) -> None:
+    ``batches`` yields (image path, tensor); a tensor that is not finite everywhere is refused
+    with the image's name: one NaN turns the calibrated ranges, and so the model, into garbage.
+    """
+
+    def __init__(
+        self, input_name: str, batches: Iterable[tuple[Path, np.ndarray]], total: int,
+        progress: bool,
+    ) -> None:  # fmt: skip
         self._input_name = input_name
         self._iterator = iter(batches)
         self._bar = None
@@ -215,11 +222,14 @@ class _Reader:
             self._bar = tqdm(total=total, desc="calibrating", unit="img")
 
     def get_next(self) -> dict[str, Any] | None:
-        tensor = next(self._iterator, None)
-        if tensor is None:
+        item = next(self._iterator, None)
+        if item is None:
             if self._bar is not None:
                 self._bar.close()
             return None
+        path, tensor = item
+        if not np.isfinite(tensor).all():
+            raise FactoryError(f"calibration input made from {path} is not finite (NaN or inf)")
         if self._bar is not None:
             self._bar.update(1)
         return {self._input_name: tensor}
@@ -286,7 +296,8 @@ def quantize(
             overrides = {
                 name: [{"reduce_range": True}] for name in first_conv_weights(prepared_model)
             }
-        reader = _Reader(info.input_name, tensors(images, info.imgsz), len(images), progress)
+        batches = zip(images, tensors(images, info.imgsz), strict=True)
+        reader = _Reader(info.input_name, batches, len(images), progress)
         with atomic_path(output) as partial:
             quantize_static(
                 str(prepared),
@@ -305,6 +316,7 @@ def quantize(
                     "TensorQuantOverrides": overrides,
                 },
             )
+            refuse_broken_scales(partial)
             summary = {
                 "target": target,
                 "format": "QDQ",
@@ -318,6 +330,36 @@ def quantize(
             }
             _write_metadata(partial, info.metadata, summary)
     return summary
+
+
+MAX_SCALE = 1e4  # a step wider than this spans more than any YOLOv8 activation ever reaches
+
+
+def broken_scales(model: onnx.ModelProto) -> list[str]:
+    """Quantization scales no calibration of a working model gives: not finite, not positive,
+    or absurdly large (the input's scale came out 2.67e36 from NaN padding, issue 27)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    broken = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
+            continue
+        scale = values.get(node.input[1])
+        if scale is None or scale.dtype.kind != "f":
+            continue
+        if not (np.isfinite(scale).all() and (scale > 0).all() and (scale < MAX_SCALE).all()):
+            broken.append(node.input[1])
+    return sorted(set(broken))
+
+
+def refuse_broken_scales(path: Path) -> None:
+    """Raises FactoryError when calibration gave scales that destroy the model."""
+    broken = broken_scales(onnx.load(str(path)))
+    if broken:
+        raise FactoryError(
+            f"calibration gave {len(broken)} unusable quantization scale(s) (not finite, not "
+            f"positive or over {MAX_SCALE:g}), e.g. {', '.join(broken[:3])}: the calibration "
+            "images or the model produce non-finite activations; nothing was written"
+        )
 
 
 def _write_metadata(path: Path, source_metadata: dict[str, str], summary: dict[str, Any]) -> None:

@@ -286,3 +286,62 @@ def test_evaluate_refuses_datasets_without_usable_labels(
         data.write_text('{"images": 3}')
     result = run_models("evaluate", "--model", str(fp32_model), "--data", str(data))
     assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_quantize_on_many_real_frames_gives_finite_sane_scales(fp32_model, shared, tmp_path):
+    """Issue 27's regression: 300 real VOC frames (letterboxed, fresh buffers freed by ONNX
+    Runtime) once gave the input an inf scale and exit 0. 48 frames of varied sizes here."""
+    import shutil
+
+    from models.quantize import QuantizeSettings, broken_scales, quantize
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for path in sorted((shared / "frames" / "voc2007-train").glob("*.jpg"))[:48]:
+        shutil.copy(path, frames / path.name)
+    out = tmp_path / "int8.onnx"
+    quantize(fp32_model, frames, out, QuantizeSettings(), progress=False)
+    model = onnx.load(str(out))
+    assert broken_scales(model) == []
+    first = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    scale = onnx.numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == first.input[1])
+    )
+    assert 0.9 / 255 < float(scale) < 1.1 / 255  # the 0..1 input, as the letterbox makes it
+
+
+def test_quantize_refuses_non_finite_calibration_and_writes_nothing(
+    fp32_model, calib, tmp_path, monkeypatch
+):
+    import numpy as np
+
+    from models import quantize as quantize_module
+    from models.errors import FactoryError
+
+    real = quantize_module.tensors
+
+    def poisoned(paths, imgsz):
+        for i, tensor in enumerate(real(paths, imgsz)):
+            if i == 3:
+                tensor[0, 0, 0, 0] = np.nan
+            yield tensor
+
+    monkeypatch.setattr(quantize_module, "tensors", poisoned)
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(FactoryError, match="is not finite") as raised:
+        quantize_module.quantize(fp32_model, calib, out, progress=False)
+    assert sorted(calib.iterdir())[3].name in str(raised.value)
+    assert not out.exists() and no_partial_files(tmp_path)
+
+
+def test_broken_scales_names_the_tensors_a_bad_calibration_ruins(u8s8_model):
+    import numpy as np
+
+    from models.quantize import broken_scales
+
+    model = onnx.load(str(u8s8_model))
+    assert broken_scales(model) == []
+    first = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    scale = next(t for t in model.graph.initializer if t.name == first.input[1])
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.array(2.67e36, np.float32), scale.name))
+    assert broken_scales(model) == [scale.name]

@@ -83,6 +83,31 @@ def test_changing_frame_size_repaints_padding_so_no_stale_pixels_remain():
     assert tensor[0, :, box.top : box.top + box.new_h].max() == 0
 
 
+def test_fresh_caller_buffers_get_their_padding_painted_even_when_python_reuses_an_id():
+    """Issue 27: quantize's calibration passed a fresh buffer per image and ONNX Runtime freed
+    each; the next buffer often had the freed one's id, was taken for already painted, and kept
+    uninitialised padding (inf scales, a destroyed model, exit 0). NaN-filled buffers show it."""
+    pre = Preprocessor((64, 64), pool_size=1)
+    image = np.full((32, 64, 3), 128, np.uint8)  # letterboxed: rows of padding above and below
+    ids = set()
+    for _ in range(200):
+        buffer = np.full((1, 3, 64, 64), np.nan, np.float32)
+        ids.add(id(buffer))
+        tensor, _ = pre(image, out=buffer)
+        assert np.isfinite(tensor).all(), "padding left unpainted in a fresh buffer"
+        del tensor, buffer
+    assert len(ids) < 200  # the ids did repeat: the case this guards
+
+
+def test_a_kept_caller_buffer_is_painted_once_and_reused():
+    pre = Preprocessor((64, 64), pool_size=1)
+    buffer = np.full((1, 3, 64, 64), np.nan, np.float32)
+    _, box = pre(np.zeros((32, 64, 3), np.uint8), out=buffer)
+    buffer[0, :, 0, 0] = -1  # padding left alone by the next frame of the same size
+    pre(np.zeros((32, 64, 3), np.uint8), out=buffer)
+    assert (buffer[0, :, 0, 0] == -1).all() and box.top > 0
+
+
 @pytest.mark.parametrize(
     "image",
     [

@@ -8,6 +8,7 @@ reading tensor N while preprocess fills tensor N+1.
 from __future__ import annotations
 
 import queue
+import weakref
 from dataclasses import dataclass
 
 import cv2
@@ -86,15 +87,17 @@ class TensorPool:
 class Preprocessor:
     """BGR frame -> letterboxed RGB NCHW tensor scaled to 0..1.
 
-    Each pooled tensor remembers the letterbox layout its padding was painted for, so a steady
-    stream of same-sized frames only converts the image region: no padding work, no canvas copy.
+    Each tensor remembers the letterbox layout its padding was painted for, so a steady stream of
+    same-sized frames only converts the image region: no padding work, no canvas copy. The memory
+    is held by a weak reference, not by ``id()`` alone: a caller's buffer that is freed and
+    replaced by a new one at the same address must be painted again (issue 27).
     """
 
     def __init__(self, input_hw: tuple[int, int], dtype: np.dtype = np.float32, pool_size: int = 4):
         self.input_h, self.input_w = input_hw
         self.dtype = np.dtype(dtype)
         self.pool = TensorPool((1, 3, self.input_h, self.input_w), self.dtype, pool_size)
-        self._painted: dict[int, Letterbox] = {}
+        self._painted: dict[int, tuple[weakref.ref, Letterbox]] = {}
         self._resized: dict[tuple[int, int], np.ndarray] = {}
         self._scale = self.dtype.type(1.0 / 255.0)
         self._pad = self.dtype.type(PAD_VALUE / 255.0)
@@ -114,6 +117,15 @@ class Preprocessor:
         cv2.resize(image, (box.new_w, box.new_h), dst=resized, interpolation=cv2.INTER_LINEAR)
         return resized, box
 
+    def _is_painted(self, tensor: np.ndarray, box: Letterbox) -> bool:
+        known = self._painted.get(id(tensor))
+        return known is not None and known[0]() is tensor and known[1] == box
+
+    def _remember(self, tensor: np.ndarray, box: Letterbox) -> None:
+        key = id(tensor)
+        forget = lambda _ref: self._painted.pop(key, None)  # noqa: E731 - the array was freed
+        self._painted[key] = (weakref.ref(tensor, forget), box)
+
     def __call__(
         self, image: np.ndarray, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, Letterbox]:
@@ -126,9 +138,9 @@ class Preprocessor:
         """
         fitted, box = self._fit(image)
         tensor = self.pool.acquire() if out is None else out
-        if self._painted.get(id(tensor)) != box:
+        if not self._is_painted(tensor, box):
             tensor.fill(self._pad)
-            self._painted[id(tensor)] = box
+            self._remember(tensor, box)
         region = tensor[0, :, box.top : box.top + box.new_h, box.left : box.left + box.new_w]
         # HWC BGR uint8 -> CHW RGB scaled, in one pass into the tensor's image region.
         np.multiply(fitted.transpose(2, 0, 1)[::-1], self._scale, out=region, casting="unsafe")
