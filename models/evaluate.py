@@ -33,7 +33,9 @@ from agent.vision import (
     load_backend,
 )
 from models.datasets import Dataset
+from models.errors import FactoryError
 from models.kernels import KernelRunner
+from models.metrics import Matches, match, paired_difference, scores
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,11 @@ class ModelResult:
     quantization: dict[str, Any] = field(default_factory=dict)
     kernels: str = "native"  # where its outputs were computed
     backend: str = "onnxruntime"  # the runtime that ran it (agent.vision backends)
+    images: int = 0  # evaluation images
+    # AP per class with ground truth (the mAP is their mean: the classes present in the set)
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    # vs the first model: mAP50-95 difference in points with its paired bootstrap 95 % interval
+    map_difference: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +209,77 @@ def letterboxed(backend: Backend, dataset: Dataset) -> list[tuple[np.ndarray, An
     return prepared
 
 
+CHUNK = 32  # images letterboxed at a time: bounded memory, and one emulated process per chunk
+TIMING_IMAGES = 8  # the images the interleaved latency rounds cycle through
+
+
+@dataclass
+class _Pass:
+    """One model's pass over the set: its detections, and a few inputs kept for timing."""
+
+    for_map: list[list[Detection]] = field(default_factory=list)
+    operating: list[list[Detection]] = field(default_factory=list)
+    timing: list[tuple[np.ndarray, Any]] = field(default_factory=list)
+
+
+def _read(sample: Any) -> np.ndarray:
+    image = cv2.imread(str(sample.image), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FactoryError(f"cannot decode the evaluation image {sample.image}")
+    return image
+
+
+def _passes(
+    paths: list[Path],
+    backends: list[Backend],
+    runners: list[KernelRunner | None],
+    dataset: Dataset,
+    keep: int,
+) -> list[_Pass]:
+    """Every model over the set, ``CHUNK`` images at a time (each image decoded once for all):
+    only detections stay in memory, never the whole set's tensors or raw outputs."""
+    pres = [Preprocessor(b.info.imgsz, np.dtype(b.info.input_dtype), pool_size=1) for b in backends]
+    passes = [_Pass() for _ in backends]
+    for start in range(0, len(dataset.samples), CHUNK):
+        images = [_read(sample) for sample in dataset.samples[start : start + CHUNK]]
+        for path, backend, runner, pre, done in zip(
+            paths, backends, runners, pres, passes, strict=True
+        ):
+            shape = (1, 3, *backend.info.imgsz)
+            items = [pre(image, out=np.empty(shape, backend.info.input_dtype)) for image in images]
+            tensors = [t for t, _ in items]
+            if runner is not None:
+                raw = runner.run(path, tensors, backend)
+            else:
+                raw = [backend.infer(t) for t in tensors]
+            names = backend.info.class_names
+            for output, (tensor, box) in zip(raw, items, strict=True):
+                done.for_map.append(decode(output, box, EVAL_PARAMS, names))
+                done.operating.append(decode(output, box, OPERATING_PARAMS, names))
+                if len(done.timing) < keep:
+                    done.timing.append((tensor, box))
+    return passes
+
+
+def detect(backend: Backend, dataset: Dataset, params: DetectionParams) -> list[list[Detection]]:
+    """``backend``'s detections of every image of ``dataset`` (the agent's letterbox and decode)."""
+    found = _passes([Path(backend.info.model_path)], [backend], [None], dataset, keep=0)[0]
+    return found.for_map if params == EVAL_PARAMS else found.operating
+
+
+def _matches(dataset: Dataset, found: list[list[Detection]], names: dict[int, str]) -> Matches:
+    mapping = _class_map(dataset, names)
+    truths = [[(mapping.get(c, -1), box) for c, box in s.boxes] for s in dataset.samples]
+    detections = [
+        [
+            (d.class_id, d.score, (d.box[0], d.box[1], d.box[2] - d.box[0], d.box[3] - d.box[1]))
+            for d in image
+        ]
+        for image in found
+    ]
+    return match(truths, detections)
+
+
 def evaluate(
     paths: list[Path],
     dataset: Dataset,
@@ -209,8 +287,11 @@ def evaluate(
     threads: int = 0,
     runners: list[KernelRunner | None] | None = None,
     runtimes: list[str] | None = None,
+    resamples: int = 200,
 ) -> list[ModelResult]:
-    """Evaluate every model on ``dataset``; the first is the reference for agreement.
+    """Evaluate every model on ``dataset``; the first is the reference for agreement and for
+    the paired bootstrap interval of each other model's mAP50-95 difference (``resamples``
+    draws of the images; 0: no interval).
 
     ``runners[i]``, when given and not None, computes model i's outputs on its target's kernels;
     only models run natively are timed. ``runtimes[i]`` names the agent backend that runs model
@@ -223,34 +304,25 @@ def evaluate(
         for p, name in zip(paths, runtimes, strict=True)
     ]
     try:
-        inputs = [letterboxed(b, dataset) for b in backends]
-        outputs = [
-            runner.run(path, [t for t, _ in items], b)
-            if runner is not None
-            else [b.infer(t) for t, _ in items]
-            for path, runner, b, items in zip(paths, runners, backends, inputs, strict=True)
-        ]
+        passes = _passes(paths, backends, runners, dataset, keep=TIMING_IMAGES)
         timed = [i for i, r in enumerate(runners) if r is None or r.measures_speed]
         measured = _interleaved_latency(
-            [backends[i] for i in timed], [inputs[i] for i in timed], latency_rounds
+            [backends[i] for i in timed], [passes[i].timing for i in timed], latency_rounds
         )
         latencies: list[list[float] | None] = [None] * len(paths)
         for i, times in zip(timed, measured, strict=True):
             latencies[i] = times
-        results = []
-        operating_ref: list[list[Detection]] | None = None
-        for path, backend, items, raw, times, runner in zip(
-            paths, backends, inputs, outputs, latencies, runners, strict=True
+        results: list[ModelResult] = []
+        reference: Matches | None = None
+        for path, backend, done, times, runner in zip(
+            paths, backends, passes, latencies, runners, strict=True
         ):
             names = backend.info.class_names
-            for_map = [
-                decode(o, box, EVAL_PARAMS, names) for o, (_, box) in zip(raw, items, strict=True)
-            ]
-            operating = [
-                decode(o, box, OPERATING_PARAMS, names)
-                for o, (_, box) in zip(raw, items, strict=True)
-            ]
-            map50_95, map50 = coco_map(dataset, for_map, _class_map(dataset, names))
+            matches = _matches(dataset, done.for_map, names)
+            figures = scores(matches)
+            interval = None
+            if reference is not None and resamples > 0:
+                interval = paired_difference(reference, matches, resamples)
             quantization = json.loads(backend.info.metadata.get("quantization", "{}") or "{}")
             results.append(
                 ModelResult(
@@ -262,25 +334,37 @@ def evaluate(
                     ),
                     size_bytes=path.stat().st_size,
                     parameters=count_parameters(path),
-                    map50_95=map50_95,
-                    map50=map50,
+                    map50_95=figures.map50_95,
+                    map50=figures.map50,
                     latency_p50_ms=float(np.percentile(times, 50)) if times else None,
                     latency_p95_ms=float(np.percentile(times, 95)) if times else None,
                     fps=1000.0 / float(np.mean(times)) if times else None,
-                    detections_per_image=sum(len(d) for d in operating) / len(operating),
+                    detections_per_image=sum(len(d) for d in done.operating) / len(done.operating),
                     mean_top_score=float(
-                        np.mean([max((d.score for d in found), default=0.0) for found in for_map])
+                        np.mean(
+                            [max((d.score for d in found), default=0.0) for found in done.for_map]
+                        )
                     ),
                     agreement=None
-                    if operating_ref is None
-                    else agreement(operating_ref, operating),
+                    if not results
+                    else agreement(passes[0].operating, done.operating),
                     quantization=quantization,
                     kernels=runner.describe() if runner is not None else "native",
                     backend=backend.info.backend,
+                    images=len(dataset.samples),
+                    per_class={
+                        names.get(c, str(c)): {
+                            "ap50_95": round(ap, 4),
+                            "ap50": round(ap50, 4),
+                            "boxes": boxes,
+                        }
+                        for c, (ap, ap50, boxes) in sorted(figures.per_class.items())
+                    },
+                    map_difference=None if interval is None else asdict(interval),
                 )
             )
-            if operating_ref is None:
-                operating_ref = operating
+            if reference is None:
+                reference = matches
         return results
     finally:
         for backend in backends:

@@ -28,6 +28,7 @@ class GateResult:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # the verdict stands, but read these
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +87,19 @@ def stored_reference(path: Path) -> dict[str, Any]:
     return entry
 
 
+def too_small(interval: dict[str, float], limit: float, images: int) -> list[str]:
+    """A warning when the set cannot tell a drop of ``limit`` points from no drop: the 95 %
+    interval of the difference is wider than the limit itself."""
+    half = (interval["high"] - interval["low"]) / 2
+    if half <= limit:
+        return []
+    return [
+        f"the evaluation set ({images} images) is too small for a {limit:g}-point limit: the "
+        f"95 % interval of the mAP50-95 difference is ±{half:.2f} points wide; judge on a "
+        "larger set (../shared/datasets/voc2007-val)"
+    ]
+
+
 def gate_model(
     candidate: Path,
     reference: Path,
@@ -94,6 +108,7 @@ def gate_model(
     max_map_drop: float = 1.0,
     max_latency_ratio: float | None = 1.10,
     runner: KernelRunner | None = None,
+    resamples: int = 200,
 ) -> GateResult:
     """Evaluate ``candidate`` (and ``reference``, unless it is a stored .json result) on
     ``data`` and judge it. The candidate runs on ``runner`` (its target's kernels; default this
@@ -106,7 +121,7 @@ def gate_model(
     stored = reference.suffix == ".json"
     models = [candidate] if stored else [reference, candidate]
     runners = [runner] if stored else [None, runner]
-    results = evaluate(models, dataset, latency_rounds=rounds, runners=runners)
+    results = evaluate(models, dataset, latency_rounds=rounds, runners=runners, resamples=resamples)
     reference_result = stored_reference(reference) if stored else results[0].to_dict()
     timed = not stored and (runner is None or runner.measures_speed)
     limits = GateLimits(
@@ -115,6 +130,11 @@ def gate_model(
     )
     result = check(results[-1].to_dict(), reference_result, limits)
     result.checks["kernels"] = results[-1].kernels
+    result.checks["images"] = len(dataset.samples)
+    interval = results[-1].map_difference
+    if interval is not None:
+        result.checks["map50_95_difference_interval"] = [interval["low"], interval["high"]]
+        result.warnings += too_small(interval, max_map_drop, len(dataset.samples))
     if runner is not None:
         result.checks["target"] = runner.target
     return result

@@ -246,6 +246,8 @@ def _gate_and_publish(
             raise FactoryError("the quality gate needs --reference and --data (or --no-gate)")
         result = gate_model(evaluated, settings.reference, settings.data, settings.rounds,
                             settings.max_map_drop, settings.max_latency_ratio, runner)  # fmt: skip
+        for warning in result.warnings if warn is not None else ():
+            warn(warning)
         if not result.passed:
             return GateFailed(request.model.name, target, list(result.reasons), result.checks)
         gate = {"passed": True, "checks": result.checks, **verified}

@@ -13,7 +13,8 @@ from models.evaluate import ModelResult
 def table(results: list[ModelResult]) -> str:
     reference = results[0]
     rows = [
-        "| model | scheme | size MB | size ratio | params | mAP50-95 | mAP50 | Δ mAP50-95 (points) "
+        "| model | scheme | size MB | size ratio | params | mAP50-95 | mAP50 "
+        "| Δ mAP50-95, points (95 % interval) "
         "| latency p50 ms | p95 ms | latency ratio | FPS | agreement |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -28,9 +29,32 @@ def table(results: list[ModelResult]) -> str:
             f"| {r.name} | {r.scheme} | {r.size_bytes / 1e6:.2f} "
             f"| {r.size_bytes / reference.size_bytes:.3f} "
             f"| {r.parameters / 1e6:.2f} M | {r.map50_95:.4f} | {r.map50:.4f} "
-            f"| {(r.map50_95 - reference.map50_95) * 100:+.2f} | {_figure(r.latency_p50_ms)} "
+            f"| {difference(r, reference)} | {_figure(r.latency_p50_ms)} "
             f"| {_figure(r.latency_p95_ms)} | {_figure(ratio, '.3f')} | {_figure(r.fps)} "
             f"| {agreement} |"
+        )
+    return "\n".join(rows)
+
+
+def difference(result: ModelResult, reference: ModelResult) -> str:
+    """The mAP50-95 difference to the reference, with its paired bootstrap interval if any."""
+    if result is reference:
+        return "reference"
+    found = result.map_difference
+    if found is None:
+        return f"{(result.map50_95 - reference.map50_95) * 100:+.2f}"
+    return f"{found['points']:+.2f} ({found['low']:+.2f} … {found['high']:+.2f})"
+
+
+def per_class_table(results: list[ModelResult]) -> str:
+    """AP50-95 of every class with ground truth, one column per model."""
+    classes = list(results[0].per_class)
+    header = "| class | boxes | " + " | ".join(r.name for r in results) + " |"
+    rows = [header, "|---|---|" + "---|" * len(results)]
+    for name in classes:
+        cells = [f"{r.per_class.get(name, {}).get('ap50_95', float('nan')):.4f}" for r in results]
+        rows.append(
+            f"| {name} | {results[0].per_class[name]['boxes']} | " + " | ".join(cells) + " |"
         )
     return "\n".join(rows)
 
@@ -58,13 +82,20 @@ def write_report(
     markdown = [
         f"# Model evaluation on {dataset.name}",
         "",
-        f"{len(dataset.samples)} images, {dataset.box_count} labelled boxes. mAP by pycocotools at "
-        "conf 0.001, NMS IoU 0.7; agreement is the F1 of each model's detections against the first "
-        "model's at the "
-        "operating thresholds (conf 0.25, IoU 0.45); latency is `backend.infer` on the dataset's "
-        "letterboxed images, interleaved across models in one run.",
+        f"{len(dataset.samples)} images, {dataset.box_count} labelled boxes, "
+        f"{len(results[0].per_class)} classes present. mAP COCO-style (pycocotools' rules, "
+        "`models/metrics.py`) at conf 0.001, NMS IoU 0.7, averaged over the classes present; "
+        "Δ is each model's mAP50-95 minus the first model's, with a paired bootstrap 95 % "
+        f"interval ({_resamples(results)} resamples of the images). Agreement is the F1 of each "
+        "model's detections against the first model's at the operating thresholds (conf 0.25, "
+        "IoU 0.45); latency is `backend.infer` on letterboxed images of the set, interleaved "
+        "across models in one run.",
         "",
         table(results),
+        "",
+        "## AP50-95 per class",
+        "",
+        per_class_table(results),
         "",
         "![latency, size and accuracy side by side](comparison.png)",
     ]
@@ -73,6 +104,11 @@ def write_report(
     (folder / "report.md").write_text("\n".join(markdown) + "\n")
     plot(results, folder / "comparison.png")
     return data
+
+
+def _resamples(results: list[ModelResult]) -> str:
+    counts = {int(r.map_difference["resamples"]) for r in results if r.map_difference}
+    return "/".join(str(c) for c in sorted(counts)) or "no"
 
 
 def plot(results: list[ModelResult], path: Path) -> None:

@@ -49,6 +49,25 @@ def dynamic_model(shared: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def coco8(shared: Path):
+    """8 labelled COCO images: for quick tests only, never for accuracy claims."""
+    from models.datasets import load_dataset
+
+    return load_dataset(shared / "datasets" / "coco8")
+
+
+@pytest.fixture(scope="session")
+def voc_val(shared: Path):
+    """The reference evaluation set: 990 labelled PASCAL VOC 2007 photos, COCO-80 class ids."""
+    from models.datasets import load_dataset
+
+    path = shared / "datasets" / "voc2007-val"
+    if not (path / "images").is_dir():
+        pytest.fail(f"this test needs {path} (../shared/datasets/voc2007-val)", pytrace=False)
+    return load_dataset(path)
+
+
+@pytest.fixture(scope="session")
 def fp32_backend(fp32_model: Path):
     backend = load_backend("onnxruntime", fp32_model, ModelConfig(path=fp32_model))
     yield backend

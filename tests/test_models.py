@@ -36,11 +36,6 @@ def run_models(*args: str, timeout: float = 300):
     )
 
 
-@pytest.fixture(scope="session")
-def coco8(shared):
-    return load_dataset(shared / "datasets" / "coco8")
-
-
 def test_quantized_model_keeps_the_head_postprocessing_in_float(u8s8_model):
     model = onnx.load(str(u8s8_model))
     head = set(head_postprocess_nodes(model))
@@ -137,7 +132,23 @@ def test_evaluate_report_holds_markdown_json_and_plots(fp32_model, u8s8_model, s
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [m["scheme"] for m in report["models"]] == ["float", "U8S8"]
     assert report["models"][1]["agreement"] > 0.7
-    assert "| yolov8n-u8s8.onnx | U8S8 |" in (tmp_path / "r" / "report.md").read_text()
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "| yolov8n-u8s8.onnx | U8S8 |" in markdown
+    int8 = report["models"][1]
+    interval = int8["map_difference"]
+    assert (
+        interval["resamples"] == 200 and interval["low"] <= interval["points"] <= interval["high"]
+    )
+    assert (
+        f"{interval['points']:+.2f} ({interval['low']:+.2f} … {interval['high']:+.2f})" in markdown
+    )
+    names = load_backend("onnxruntime", fp32_model, ModelConfig(path=fp32_model)).info.class_names
+    present = {
+        names[c] for s in load_dataset(shared / "datasets" / "coco8").samples for c, _ in s.boxes
+    }
+    assert set(int8["per_class"]) == present  # the classes with ground truth, no others
+    assert "## AP50-95 per class" in markdown and "| person |" in markdown
+    assert report["models"][0]["map_difference"] is None  # the reference
     plot = cv2.imread(str(tmp_path / "r" / "comparison.png"))
     assert plot is not None and plot.shape[1] > 1000
 
@@ -170,6 +181,8 @@ def test_gate_cli_exit_codes_and_stored_reference(fp32_model, collapsed_model, s
         "3",
     )
     assert failed.returncode == 3 and "detections vanished" in failed.stderr
+    assert "95 % interval" in failed.stdout  # the drop comes with its interval
+    assert "too small for a 1-point limit" in failed.stderr  # 8 images cannot judge 1 point
     stored = tmp_path / "fp32.json"
     (ref,) = evaluate([fp32_model], load_dataset(Path(data)), latency_rounds=2)
     stored.write_text(json.dumps(ref.to_dict()))

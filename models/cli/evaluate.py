@@ -10,13 +10,30 @@ from pathlib import Path
 from models.cli.common import EXIT_GATE, EXIT_OK, target_arguments
 
 
+def resample_count(text: str) -> int:
+    """0 (no interval) or at least 200: fewer gives a 95 % interval's ends from a handful."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value != 0 and value < 200:
+        raise argparse.ArgumentTypeError(f"{value} resamples: use 0 (no interval) or >= 200")
+    return value
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.datasets import load_dataset
     from models.evaluate import evaluate
     from models.report import table, write_report
 
     dataset = load_dataset(args.data)
-    results = evaluate(args.model, dataset, latency_rounds=args.rounds, threads=args.threads)
+    results = evaluate(
+        args.model,
+        dataset,
+        latency_rounds=args.rounds,
+        threads=args.threads,
+        resamples=args.resamples,
+    )
     if args.report:
         write_report(results, dataset, args.report)
     if args.json:
@@ -42,10 +59,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
         args.max_map_drop,
         args.max_latency_ratio,
         runner,
+        resamples=args.resamples,
     )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
-    elif result.passed:
+        return EXIT_OK if result.passed else EXIT_GATE
+    if result.passed:
         print(
             f"PASS {args.candidate.name}: "
             + ", ".join(f"{k} {v}" for k, v in result.checks.items())
@@ -54,6 +75,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print(f"FAIL {args.candidate.name}:", file=sys.stderr)
         for reason in result.reasons:
             print(f"  - {reason}", file=sys.stderr)
+    if "map50_95_difference_interval" in result.checks:
+        low, high = result.checks["map50_95_difference_interval"]
+        drop = result.checks["map50_95_drop_points"]
+        print(f"mAP50-95 {-drop:+.2f} points, 95 % interval {low:+.2f} … {high:+.2f} "
+              f"({result.checks['images']} images)")  # fmt: skip
     return EXIT_OK if result.passed else EXIT_GATE
 
 
@@ -85,6 +111,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--report", type=Path, help="write report.md, report.json and comparison.png here"
     )
     e.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
+    e.add_argument(
+        "--resamples", type=resample_count, default=200, help="bootstrap resamples (0: none)"
+    )
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
@@ -105,6 +134,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="vs the reference model (default 1.10)",
     )
     g.add_argument("--rounds", type=int, default=20)
+    g.add_argument(
+        "--resamples", type=resample_count, default=200, help="bootstrap resamples (0: none)"
+    )
     target_arguments(g)
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_gate)
