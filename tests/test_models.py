@@ -358,3 +358,20 @@ def test_broken_scales_names_the_tensors_a_bad_calibration_ruins(u8s8_model):
     scale = next(t for t in model.graph.initializer if t.name == first.input[1])
     scale.CopyFrom(onnx.numpy_helper.from_array(np.array(2.67e36, np.float32), scale.name))
     assert broken_scales(model) == [scale.name]
+
+
+def test_evaluate_runs_each_model_on_the_runtime_asked_for(fp32_model, shared):
+    result = run_models(
+        "evaluate", "--model", str(fp32_model), "--model", str(fp32_model),
+        "--runtime", "onnxruntime", "--runtime", "openvino",
+        "--data", str(shared / "datasets" / "coco8"), "--rounds", "2", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["backend"] for r in rows] == ["onnxruntime", "openvino"]
+    assert abs(rows[1]["map_difference"]["points"]) < 1.0  # the same weights on two runtimes
+    wrong = run_models(
+        "evaluate", "--model", str(fp32_model), "--runtime", "onnxruntime", "--runtime",
+        "openvino", "--data", str(shared / "datasets" / "coco8"),
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "2 --runtime for 1 --model" in wrong.stderr

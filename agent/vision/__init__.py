@@ -13,6 +13,7 @@ from agent.vision.backends import (
     tensorrt_toolkit,
 )
 from agent.vision.backends.base import (
+    BACKEND_MODULES,
     ONNX_QUANTIZED_OPS,
     file_digest,
     parse_imgsz,
@@ -40,6 +41,7 @@ from agent.vision.split_head import STRIDES, merge_split_head, npu_input
 from agent.vision.stats import ModelStats, PipelineStats
 
 __all__ = [
+    "BACKEND_MODULES",
     "DETECTIONS",
     "IMAGE_SUFFIXES",
     "ONNX_QUANTIZED_OPS",

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from models.cli.common import EXIT_GATE, EXIT_OK, target_arguments
+from agent.vision import BACKEND_MODULES
+from models.cli.common import EXIT_GATE, EXIT_OK, EXIT_USAGE, target_arguments
 
 
 def resample_count(text: str) -> int:
@@ -26,12 +27,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.evaluate import evaluate
     from models.report import table, write_report
 
+    runtimes = args.runtime or ["onnxruntime"]
+    if len(runtimes) == 1:
+        runtimes = runtimes * len(args.model)
+    if len(runtimes) != len(args.model):
+        print(
+            f"error: {len(runtimes)} --runtime for {len(args.model)} --model: give one for all, "
+            "or one per model in the same order",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     dataset = load_dataset(args.data)
     results = evaluate(
         args.model,
         dataset,
         latency_rounds=args.rounds,
         threads=args.threads,
+        runtimes=runtimes,
         resamples=args.resamples,
     )
     if args.report:
@@ -113,6 +125,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
     e.add_argument(
         "--resamples", type=resample_count, default=200, help="bootstrap resamples (0: none)"
+    )
+    e.add_argument(
+        "--runtime",
+        action="append",
+        choices=sorted(BACKEND_MODULES),
+        help="the agent backend that runs the models: once for all, or once per --model "
+        "(default onnxruntime); the same file can be compared across runtimes",
     )
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", action="store_true")
