@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -41,6 +42,49 @@ def calibration_images(folder: Path, role: str = "calibration") -> list[Path]:
         names = ", ".join(str(p) for p in unreadable[:5])
         raise FactoryError(f"{len(unreadable)} {role} image(s) cannot be decoded: {names}")
     return paths
+
+
+@dataclass
+class SampledFrames:
+    """Frames picked evenly from a user's folder, and what was passed over and why."""
+
+    paths: list[Path]
+    available: int  # images in the folder
+    skipped: list[str] = field(default_factory=list)  # "path: reason", reported, not fatal
+
+
+def sample_frames(folder: Path, count: int, role: str = "frames") -> SampledFrames:
+    """Up to ``count`` images spread evenly over ``folder`` (sorted, recursive): a camera's
+    frames in time order cover its hours and scenes that way. Files that are not images, and
+    images that do not decode, are skipped and reported; it fails only when nothing is left.
+
+    Raises:
+        FactoryError: the folder is missing, holds no images, or none of those picked decode.
+    """
+    if count < 1:
+        raise FactoryError(f"the number of {role} must be at least 1, not {count}")
+    if not folder.is_dir():
+        raise FactoryError(f"{role} folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = [f"{p}: not an image" for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if not images:
+        raise FactoryError(
+            f"{role} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    picks = sorted({int(i) for i in np.linspace(0, len(images) - 1, min(count, len(images)))})
+    usable = []
+    for path in (images[i] for i in picks):
+        if cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_8) is None:
+            skipped.append(f"{path}: cannot be decoded")
+        else:
+            usable.append(path)
+    if not usable:
+        raise FactoryError(
+            f"none of the {len(picks)} {role} picked from {folder} can be decoded "
+            f"(e.g. {skipped[-1]})"
+        )
+    return SampledFrames(usable, len(images), skipped)
 
 
 def tensors(paths: Sequence[Path], input_hw: tuple[int, int]) -> Iterator[dict[str, np.ndarray]]:

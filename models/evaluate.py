@@ -235,11 +235,17 @@ def _passes(
     runners: list[KernelRunner | None],
     dataset: Dataset,
     keep: int,
+    progress: bool = False,
 ) -> list[_Pass]:
     """Every model over the set, ``CHUNK`` images at a time (each image decoded once for all):
     only detections stay in memory, never the whole set's tensors or raw outputs."""
     pres = [Preprocessor(b.info.imgsz, np.dtype(b.info.input_dtype), pool_size=1) for b in backends]
     passes = [_Pass() for _ in backends]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(dataset.samples), desc=f"evaluating {len(paths)} model(s)", unit="img")
     for start in range(0, len(dataset.samples), CHUNK):
         images = [_read(sample) for sample in dataset.samples[start : start + CHUNK]]
         for path, backend, runner, pre, done in zip(
@@ -258,6 +264,10 @@ def _passes(
                 done.operating.append(decode(output, box, OPERATING_PARAMS, names))
                 if len(done.timing) < keep:
                     done.timing.append((tensor, box))
+        if bar is not None:
+            bar.update(len(images))
+    if bar is not None:
+        bar.close()
     return passes
 
 
@@ -288,10 +298,11 @@ def evaluate(
     runners: list[KernelRunner | None] | None = None,
     runtimes: list[str] | None = None,
     resamples: int = 200,
+    progress: bool = False,
 ) -> list[ModelResult]:
     """Evaluate every model on ``dataset``; the first is the reference for agreement and for
     the paired bootstrap interval of each other model's mAP50-95 difference (``resamples``
-    draws of the images; 0: no interval).
+    draws of the images; 0: no interval). ``progress``: a bar with an ETA on stderr.
 
     ``runners[i]``, when given and not None, computes model i's outputs on its target's kernels;
     only models run natively are timed. ``runtimes[i]`` names the agent backend that runs model
@@ -304,7 +315,7 @@ def evaluate(
         for p, name in zip(paths, runtimes, strict=True)
     ]
     try:
-        passes = _passes(paths, backends, runners, dataset, keep=TIMING_IMAGES)
+        passes = _passes(paths, backends, runners, dataset, TIMING_IMAGES, progress)
         timed = [i for i, r in enumerate(runners) if r is None or r.measures_speed]
         measured = _interleaved_latency(
             [backends[i] for i in timed], [passes[i].timing for i in timed], latency_rounds

@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from agent.config import ModelConfig
 from agent.vision import file_digest, load_backend
-from models.calibration import calibration_images, tensors
+from models.calibration import calibration_images, sample_frames, tensors
 from models.errors import FactoryError, ModelError
 from models.outputs import atomic_path, refuse_existing
 
@@ -247,8 +247,13 @@ def quantize(
     progress: bool = True,
     on_stage: Callable[[str], None] | None = None,
     target: str | None = None,
+    frames: int | None = None,
 ) -> dict[str, Any]:
     """Quantize ``source`` to INT8 QDQ at ``output``; returns the calibration summary.
+
+    ``calibration`` is a folder: with ``frames``, a user's frames of which that many are picked
+    evenly (files that are not images or do not decode are skipped and reported through
+    ``on_stage``); without, every image in it, each of which must decode.
 
     ``target`` (see ``models.recipes``, which picks ``settings`` for it) is recorded in the
     summary and in the model's metadata: what the model was made for.
@@ -264,8 +269,16 @@ def quantize(
     reference = load_backend("onnxruntime", source, ModelConfig(path=source))  # validates the head
     info = reference.info
     reference.close()
-    images = calibration_images(calibration)
     stage = on_stage or (lambda text: log.info("%s", text))
+    available = None
+    if frames is None:
+        images = calibration_images(calibration)
+    else:
+        sampled = sample_frames(calibration, frames, "calibration frames")
+        images, available = sampled.paths, sampled.available
+        for line in sampled.skipped:
+            stage(f"skipped {line}")
+        stage(f"calibrating on {len(images)} of the {available} frames in {calibration}")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edge-quant-") as work:
         prepared = Path(work) / "prepared.onnx"
@@ -324,6 +337,7 @@ def quantize(
                 **asdict(settings),
                 "calibration_images": len(images),
                 "calibration_folder": str(calibration),
+                "calibration_sampled_from": available,
                 "float_nodes": len(excluded),
                 "source_sha256": file_digest(source),
                 "seconds": round(time.monotonic() - started, 1),

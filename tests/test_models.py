@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import cv2
+import numpy as np
 import onnx
 import pytest
 
@@ -375,3 +376,62 @@ def test_evaluate_runs_each_model_on_the_runtime_asked_for(fp32_model, shared):
         "openvino", "--data", str(shared / "datasets" / "coco8"),
     )  # fmt: skip
     assert wrong.returncode == 2 and "2 --runtime for 1 --model" in wrong.stderr
+
+
+def _voc_frames(shared: Path, folder: Path, count: int) -> Path:
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted((shared / "frames" / "voc2007-train").glob("*.jpg"))[:count]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_quantize_from_frames_skips_and_reports_what_is_not_a_usable_image(
+    fp32_model, shared, tmp_path
+):
+    frames = _voc_frames(shared, tmp_path / "frames", 10)
+    (frames / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (frames / "notes.txt").write_text("camera 3, night shift")
+    out = tmp_path / "int8.onnx"
+    result = run_models(
+        "quantize", "--model", str(fp32_model), "--frames", str(frames), "--count", "12",
+        "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "broken.jpg: cannot be decoded" in result.stderr
+    assert "notes.txt: not an image" in result.stderr
+    assert "calibrating on 10 of the 11 frames" in result.stderr
+    assert "10 calibration images" in result.stdout and out.is_file()
+
+
+def test_quantize_refuses_frames_with_nothing_usable_or_from_the_evaluation_set(
+    fp32_model, shared, tmp_path
+):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    out = tmp_path / "int8.onnx"
+    nothing = run_models("quantize", "--model", str(fp32_model), "--frames", str(bad),
+                         "--out", str(out), "--quiet")  # fmt: skip
+    assert nothing.returncode == 1 and "none of the 1 calibration frames" in nothing.stderr
+    leaked = _voc_frames(shared, tmp_path / "leaked", 3)
+    coco8 = shared / "datasets" / "coco8"
+    judged = sorted((coco8 / "images").rglob("*.jpg"))[0]
+    (leaked / "renamed.jpg").write_bytes(judged.read_bytes())
+    overlap = run_models("quantize", "--model", str(fp32_model), "--frames", str(leaked),
+                         "--data", str(coco8), "--out", str(out), "--quiet")  # fmt: skip
+    assert overlap.returncode == 1 and "is the evaluation image" in overlap.stderr
+    assert "Traceback" not in nothing.stderr + overlap.stderr
+    assert not out.exists() and no_partial_files(tmp_path)
+
+
+def test_frames_are_picked_evenly_over_the_folder(tmp_path):
+    from models.calibration import sample_frames
+
+    for i in range(20):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.jpg"), np.full((8, 8, 3), i * 10, np.uint8))
+    picked = sample_frames(tmp_path, 5)
+    assert [p.name for p in picked.paths] == ["00.jpg", "04.jpg", "09.jpg", "14.jpg", "19.jpg"]
+    assert picked.available == 20 and not picked.skipped
+    assert len(sample_frames(tmp_path, 500).paths) == 20

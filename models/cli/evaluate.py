@@ -45,6 +45,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threads=args.threads,
         runtimes=runtimes,
         resamples=args.resamples,
+        progress=not (args.json or args.quiet),
     )
     if args.report:
         write_report(results, dataset, args.report)
@@ -135,6 +136,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 
     g = sub.add_parser(

@@ -10,6 +10,7 @@ from models.cli.common import EXIT_OK
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from models.calibration import calibration_images
     from models.quantize import quantize
     from models.recipes import recipe
     from models.release import host_target
@@ -24,15 +25,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if args.target is None:
         print(f"- target {target} (this machine; --target to choose another)", file=sys.stderr)
+    if args.data is not None:
+        from models.calibration import sample_frames
+        from models.datasets import load_dataset
+        from models.optimize.frames import refuse_overlap
+
+        picked = (
+            sample_frames(args.frames, args.count).paths
+            if args.frames
+            else calibration_images(args.calib)
+        )
+        refuse_overlap(picked, [s.image for s in load_dataset(args.data).samples], "calibration")
     summary = quantize(
         args.model,
-        args.calib,
+        args.frames or args.calib,
         args.out,
         settings,
         overwrite=args.overwrite,
         progress=not args.quiet,
         on_stage=lambda text: print(f"- {text}", file=sys.stderr),
         target=target,
+        frames=args.count if args.frames else None,
     )
     size_ratio = args.out.stat().st_size / args.model.stat().st_size
     print(
@@ -55,11 +68,23 @@ def cmd_calibration_set(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="INT8 post-training static quantization to QDQ ONNX")
     q.add_argument("--model", type=Path, required=True, help="float YOLOv8 ONNX")
-    q.add_argument(
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--frames",
+        type=Path,
+        help="folder of your camera's frames: --count of them picked evenly, files that are "
+        "not images or do not decode skipped and reported (never evaluation images)",
+    )
+    source.add_argument(
         "--calib",
         type=Path,
-        required=True,
-        help="folder of calibration images (not evaluation images)",
+        help="folder of calibration images, all used, each must decode (e.g. calibration-set's)",
+    )
+    q.add_argument("--count", type=int, default=300, help="frames picked from --frames (300)")
+    q.add_argument(
+        "--data",
+        type=Path,
+        help="the evaluation set: calibration images that are also in it are refused",
     )
     q.add_argument("--out", type=Path, required=True, help="INT8 ONNX to write (must not exist)")
     q.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")

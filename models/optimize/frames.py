@@ -32,15 +32,15 @@ def content_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def refuse_overlap(frames: list[Path], evaluation: list[Path]) -> None:
+def refuse_overlap(frames: list[Path], evaluation: list[Path], role: str = "recovery") -> None:
     """Raises FactoryError naming the first frame that is also an evaluation image."""
     judged = {content_hash(p): p for p in evaluation}
     for frame in frames:
         twin = judged.get(content_hash(frame))
         if twin is not None:
             raise FactoryError(
-                f"recovery frame {frame} is the evaluation image {twin} (same content): training "
-                "on what the model is judged on makes its mAP meaningless; remove it from --frames"
+                f"{role} frame {frame} is the evaluation image {twin} (same content): learning "
+                "from what the model is judged on makes its mAP meaningless; remove it"
             )
 
 
