@@ -260,6 +260,9 @@ class MqttConfig(StrictModel):
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(60.0, gt=0)
     inflight: int = Field(20, ge=1, le=1000, description="QoS>0 messages awaiting PUBACK at once.")
+    ack_timeout_s: float = Field(
+        60.0, gt=0, description="No PUBACK this long: the window is sent again from the outbox."
+    )
     max_queued: int = Field(
         1000, ge=10, description="Messages paho may hold beyond the in-flight window (memory)."
     )
@@ -291,7 +294,7 @@ class OutboxConfig(StrictModel):
     )
 
 
-LadderStep = Literal["restart_source", "reload_backend", "previous_model", "exit"]
+LadderStep = Literal["restart_source", "reload_backend", "previous_model", "reconnect_link", "exit"]
 
 
 class WatchdogConfig(StrictModel):
@@ -324,7 +327,13 @@ class WatchdogConfig(StrictModel):
         5.0, gt=0, description="Time a step gets to fix the fault before the next."
     )
     ladder: list[LadderStep] = Field(
-        default_factory=lambda: ["restart_source", "reload_backend", "previous_model", "exit"]
+        default_factory=lambda: [
+            "restart_source",
+            "reload_backend",
+            "previous_model",
+            "reconnect_link",
+            "exit",
+        ]
     )
     max_restarts: int = Field(
         3, ge=1, description="Each step at most this often per restart_window_s."
@@ -337,6 +346,13 @@ class WatchdogConfig(StrictModel):
         70, ge=1, le=255, description="Exit status of the last step (EX_SOFTWARE)."
     )
     health_file_interval_s: float = Field(1.0, gt=0)
+    link_stall_s: float = Field(
+        150.0,
+        gt=0,
+        description="Connected to the broker, messages waiting, and no PUBACK for this long: "
+        "the MQTT side is stuck (a half-open connection, a broker that stopped acknowledging); "
+        "the ladder reconnects, then exits for a restart. Above mqtt.ack_timeout_s.",
+    )
 
 
 class ProbationConfig(StrictModel):

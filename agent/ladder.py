@@ -1,6 +1,8 @@
-"""The watchdog ladder's steps, done to this agent: reopen, reload, previous model, exit.
+"""The watchdog ladder's steps, done to this agent: reopen, reload, previous model, reconnect,
+exit.
 
-Reopen the source, reload the backend, fall back to the previous model, exit for systemd. The
+Reopen the source, reload the backend, fall back to the previous model, cut a stuck MQTT
+connection so that paho reconnects, exit for systemd. The
 watchdog (service wing) decides which step to take and when; each step here only acts and
 says what it did (None: nothing to do). No step waits for a hung inference: the stuck worker is
 abandoned and a fresh one takes the next frame.
@@ -34,8 +36,11 @@ class RecoveryLadder:
         notifier: Notifier,
         reopen_source: Callable[[], FrameSource],
         load_backend: Callable[[], Backend],
+        drop_connection: Callable[[], bool] | None = None,
     ) -> None:
-        """``load_backend``: the active model again, from disk."""
+        """``load_backend``: the active model again, from disk; ``drop_connection``: cut the
+        MQTT connection (None without MQTT)."""
+        self.drop_connection = drop_connection
         self.config, self.pipeline, self.model = config, pipeline, model
         self.manager, self.notifier = manager, notifier
         self.reopen_source, self.load_backend = reopen_source, load_backend
@@ -47,8 +52,14 @@ class RecoveryLadder:
             "restart_source": self.restart_source,
             "reload_backend": self.reload_backend,
             "previous_model": self.previous_model,
+            "reconnect_link": self.reconnect_link,
             "exit": self.exit_for_restart,
         }
+
+    def reconnect_link(self) -> str | None:
+        if self.drop_connection is None or not self.drop_connection():
+            return None  # no MQTT, or not connected: nothing to cut
+        return "MQTT connection cut; paho reconnects and sends the unacknowledged window again"
 
     def restart_source(self) -> str | None:
         if not self.pipeline.source.live:

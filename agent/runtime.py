@@ -119,6 +119,7 @@ class Agent:
             self.notifier,
             lambda: open_source(self.config.source),
             lambda: self._load_backend(),
+            self.link.drop_connection if self.link is not None else None,
         )
         self.supervisor: Supervisor | None = None
         if config.watchdog.enabled:
@@ -131,6 +132,7 @@ class Agent:
                 config.state_dir / "health.json",
                 self.status_text,
                 config.source.stall_timeout_s,
+                self.link.ack_stall_s if self.link is not None else None,
             )
         self.housekeeper = Housekeeper(
             lambda: self.config.mqtt.telemetry_interval_s,  # SIGHUP may change it

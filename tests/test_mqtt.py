@@ -363,3 +363,51 @@ def test_tls_files_that_do_not_exist_are_a_config_error(tmp_path, fp32_model, lo
     agent = AgentProcess(config)
     assert agent.wait(60) == 1
     assert "mqtt.tls.ca_file: file not found" in agent.log() and "Traceback" not in agent.log()
+
+
+def test_a_broker_that_stops_acknowledging_is_noticed_and_the_link_reconnected(
+    tmp_path, fp32_model, looping
+):
+    """Issue 24: a dead MQTT side went unnoticed while the connection looked up. A frozen broker
+    (SIGSTOP: the TCP connection stays open, nothing is acknowledged) within paho's keepalive:
+    the watchdog sees messages waiting for a PUBACK while connected, cuts the connection, and
+    the detections of the outage arrive once the broker is back; the agent exits 0."""
+    from tests.brokers import Mosquitto
+
+    broker = Mosquitto(tmp_path / "broker", persistence=True).start()
+    sub = Subscriber(
+        broker.port, [f"{PREFIX}/detections"], client_id="stall-watcher", clean=False
+    ).start()
+    config = agent_config(
+        tmp_path, fp32_model, looping, {"port": broker.port, "keepalive_s": 300,
+                                        "ack_timeout_s": 1},
+        watchdog={"link_stall_s": 3, "verify_s": 2},
+    )  # fmt: skip
+    agent = AgentProcess(config)
+    try:
+        sub.wait_topic(f"{PREFIX}/detections", timeout=60)
+        broker.process.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while "reconnect_link: MQTT connection cut" not in agent.log():
+            assert time.monotonic() < deadline, agent.log()[-3000:]
+            assert agent.alive(), agent.log()
+            time.sleep(0.2)
+        assert "MQTT: no acknowledgement for" in agent.log()
+        broker.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while "MQTT connected" not in agent.log().split("reconnect_link")[-1]:
+            assert time.monotonic() < deadline, agent.log()[-3000:]
+            time.sleep(0.2)
+    finally:
+        if broker.process is not None:
+            broker.process.send_signal(signal.SIGCONT)
+        code = agent.stop()
+    assert code == 0, agent.log()
+    expected = jsonl_ids(tmp_path / "out.jsonl")
+    deadline = time.monotonic() + 30
+    while len(frame_ids(sub.on(f"{PREFIX}/detections"))) < len(expected):
+        assert time.monotonic() < deadline, "detections of the stall never arrived"
+        time.sleep(0.2)
+    sub.stop()
+    broker.stop()
+    assert [frame for _, frame in frame_ids(sub.on(f"{PREFIX}/detections"))] == expected

@@ -193,7 +193,9 @@ def test_a_backend_that_blocks_forever_climbs_the_ladder_in_order(
     code = agent.run()
     assert code == 70
     steps = [e["details"]["step"] for e in events if e["kind"] == "escalation"]
-    assert steps == ["reload_backend", "previous_model", "exit"]
+    assert steps == ["reload_backend", "previous_model", "reconnect_link", "exit"]
+    skipped = [e for e in events if e["kind"] == "escalation" and not e["details"]["applied"]]
+    assert [e["details"]["step"] for e in skipped] == ["reconnect_link"]  # no MQTT here
     assert len(replacements) == 1 and agent.pipeline.abandoned_workers >= 1
     assert events[-1]["level"] == "error"
     # READY after the first frame; WATCHDOG pings while healthy, none once inference hung

@@ -9,6 +9,7 @@ never got stay in the outbox (across restarts too). Delivery is at least once, i
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -219,6 +220,19 @@ class MqttLink:
         self.client.loop_stop()
         self.connected.clear()
 
+    def drop_connection(self) -> bool:
+        """Cut the connection under paho so that its loop reconnects (and resends the unacked
+        window) as after a network failure; False when there is no connection to cut."""
+        sock = self.client.socket()
+        if sock is None or not self.connected.is_set():
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # safe from any thread; paho's loop sees EOF
+        except OSError as exc:
+            log.warning("could not cut the MQTT connection: %s", exc)
+            return False
+        return True
+
     def publish_info(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False
     ) -> paho.MQTTMessageInfo | None:
@@ -330,6 +344,7 @@ class Publisher:
         self.ack_timeout_s = ack_timeout_s
         self.published = 0
         self.refused = 0
+        self.resends = 0  # windows sent again after ack_timeout_s without an acknowledgement
         self.last_refusal: str | None = None
         self._inflight: list[tuple[int, paho.MQTTMessageInfo, float]] = []  # row id, info, sent at
         self._refusals: dict[int, tuple[str, float]] = {}  # mid -> (reason, when)
@@ -337,6 +352,9 @@ class Publisher:
         self._last_sent = 0
         self._connects_seen = 0
         self._old_window_upto = 0  # after a reconnect: rows up to this id go first
+        # since when messages wait for an ack (the last ack, or the first send after none
+        # waited); a resend of the same rows does not reset it; a new connection does
+        self._waiting_since: float | None = None
         self._stop = threading.Event()
         run = restarting("mqtt-publisher", self._run, self._stop.is_set)
         self._thread = threading.Thread(target=run, name="mqtt-publisher", daemon=True)
@@ -360,6 +378,14 @@ class Publisher:
             with self._refusals_lock:
                 self._refusals[mid] = (reason, time.monotonic())
 
+    def ack_stall_s(self, now: float | None = None) -> float:
+        """How long QoS>0 messages have waited for an acknowledgement while connected (0: none
+        waiting, or not connected: an outage is the outbox's business, not a fault)."""
+        since = self._waiting_since
+        if since is None or not self.link.connected.is_set():
+            return 0.0
+        return (time.monotonic() if now is None else now) - since
+
     def _collect_acks(self) -> None:
         done: list[int] = []
         while self._inflight and self._inflight[0][1].is_published():
@@ -374,6 +400,8 @@ class Publisher:
                 log.error("MQTT %s; message dropped", self.last_refusal)
             else:
                 self.published += 1
+        if done:
+            self._waiting_since = time.monotonic() if self._inflight else None
         self.outbox.ack(*done)
         with self._refusals_lock:
             cutoff = time.monotonic() - 30.0
@@ -390,6 +418,7 @@ class Publisher:
             )
             self._inflight.clear()
             self._last_sent = first_row - 1
+            self.resends += 1
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -400,6 +429,8 @@ class Publisher:
             if self.link.connects != self._connects_seen:
                 self._connects_seen = self.link.connects
                 self._old_window_upto = self._inflight[-1][0] if self._inflight else 0
+                if self._waiting_since is not None:
+                    self._waiting_since = time.monotonic()  # a new connection's fair chance
             if self._inflight and self._inflight[0][0] <= self._old_window_upto:
                 time.sleep(0.002)  # paho is resending the old window: its acks come first
                 continue
@@ -409,6 +440,8 @@ class Publisher:
                 continue
             batch = self.outbox.peek(self._last_sent, room)
             if not batch:
+                if not self._inflight:
+                    self._waiting_since = None  # nothing left waiting (rows may have expired)
                 self.outbox.wait_newer(self._last_sent, 0.01 if self._inflight else 0.2)
                 continue
             for message in batch:
@@ -421,4 +454,6 @@ class Publisher:
                 if message.qos == 0:
                     self.outbox.ack(message.id)
                 else:
+                    if self._waiting_since is None:
+                        self._waiting_since = time.monotonic()
                     self._inflight.append((message.id, info, time.monotonic()))

@@ -78,7 +78,7 @@ class Link:
             on_connected=self._on_connected,
             on_message=self._on_message,
         )
-        self.publisher = Publisher(self.outbox, self.mqtt, mqtt.inflight)
+        self.publisher = Publisher(self.outbox, self.mqtt, mqtt.inflight, mqtt.ack_timeout_s)
         self.topics = self.mqtt.topics
         self.sink = MqttSink(
             self.outbox, self.topics.detections, mqtt.qos_detections, config.device_id, session
@@ -117,6 +117,14 @@ class Link:
         payload = encode(self.model_message())
         self.mqtt.publish(self.topics.model, payload, qos=1, retain=True)
 
+    def ack_stall_s(self) -> float:
+        """Seconds messages have waited for a PUBACK while connected (the watchdog's check)."""
+        return self.publisher.ack_stall_s()
+
+    def drop_connection(self) -> bool:
+        """The watchdog's reconnect_link step: paho reconnects and resends the window."""
+        return self.mqtt.drop_connection()
+
     def reply(self, name: str, payload: dict[str, Any]) -> None:
         self.mqtt.publish(self.topics.command_result(name[:200]), encode(payload), qos=1)
 
@@ -130,6 +138,8 @@ class Link:
                 "connect_failures": self.mqtt.connect_failures,
                 "published": self.publisher.published,
                 "refused": self.publisher.refused,
+                "resends": self.publisher.resends,
+                "ack_stall_s": int(self.publisher.ack_stall_s()),
                 "commands_handled": self.commands.handled,
                 "commands_rejected": self.commands.rejected,
                 "bad_messages": self.mqtt.bad_messages,

@@ -4,10 +4,11 @@ Health is reported to systemd (WATCHDOG=1), to ``edge-agent health`` and on ``ev
 
 Every fault has an owner and a next step. The supervisor looks at the pipeline every
 ``check_interval_s``; a fault enters the ladder at the first step that can fix it (a silent source
-at ``restart_source``, a hung or failing inference at ``reload_backend``, a hung pre/postprocess at
-``exit``) and climbs one step each time the previous one did not fix it within ``verify_s``. Each
-step is counted, reported and bounded by the guard: past ``max_restarts`` per window the supervisor
-backs off for ``backoff_s`` and then climbs, instead of thrashing. The last step exits non-zero so
+at ``restart_source``, a hung or failing inference at ``reload_backend``, an MQTT connection that
+stopped acknowledging at ``reconnect_link``, a hung pre/postprocess at ``exit``) and climbs one
+step each time the previous one did not fix it within ``verify_s``. Each step is counted,
+reported and bounded by the guard: past ``max_restarts`` per window the supervisor backs off for
+``backoff_s`` and then climbs, instead of thrashing. The last step exits non-zero so
 systemd restarts the process. While any fault stands, or an escalation has not yet been confirmed
 by ``verify_s`` of health, WATCHDOG=1 pings stop: WatchdogSec must exceed the ladder's total time.
 """
@@ -35,6 +36,7 @@ ENTRY_STEP = {
     "source": "restart_source",
     "inference": "reload_backend",
     "output": "reload_backend",  # frames arrive, none reaches the sinks (all late or skipped)
+    "link": "reconnect_link",  # connected, messages waiting, no acknowledgement
     "stage": "exit",
 }
 
@@ -97,8 +99,11 @@ class Supervisor:
         health_path: Path | None,
         status_text: Callable[[], str],
         stall_timeout_s: float,
+        link_stall: Callable[[], float] | None = None,
     ) -> None:
+        """``link_stall``: seconds MQTT messages have waited for an ack while connected."""
         self.config = config
+        self.link_stall = link_stall
         self.pipeline = pipeline
         self.actions = actions
         self.emit = emit
@@ -176,6 +181,15 @@ class Supervisor:
                     f"arrive ({stats.dropped} dropped, {stats.late} late, {stats.errors} errors)",
                 )
             )
+        stalled = self.link_stall() if self.link_stall is not None else 0.0
+        if stalled > config.link_stall_s:
+            faults.append(
+                Fault(
+                    "link",
+                    f"MQTT: no acknowledgement for {stalled:.0f} s while connected "
+                    f"(limit {config.link_stall_s:g} s)",
+                )
+            )
         nominal = pipeline.source.nominal_fps
         fps = stats.recent_fps(now, config.fps_window_s)
         if (
@@ -220,9 +234,10 @@ class Supervisor:
             )
             self._next_step_at = now + self.config.backoff_s
             return
-        guard.record()
-        self.steps_taken.append(step)
         outcome = self.actions[step]()
+        if outcome is not None:  # a step that could not apply here is not a step taken
+            guard.record()
+            self.steps_taken.append(step)
         if outcome is None:
             self.emit(
                 "escalation",
