@@ -375,6 +375,15 @@ def test_a_broker_that_stops_acknowledging_is_noticed_and_the_link_reconnected(
     from tests.brokers import Mosquitto
 
     broker = Mosquitto(tmp_path / "broker", persistence=True).start()
+    try:
+        _frozen_broker_is_noticed(tmp_path, fp32_model, looping, broker)
+    finally:
+        if broker.process is not None:
+            broker.process.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
+def _frozen_broker_is_noticed(tmp_path, fp32_model, looping, broker) -> None:
     sub = Subscriber(
         broker.port, [f"{PREFIX}/detections"], client_id="stall-watcher", clean=False
     ).start()
@@ -399,8 +408,7 @@ def test_a_broker_that_stops_acknowledging_is_noticed_and_the_link_reconnected(
             assert time.monotonic() < deadline, agent.log()[-3000:]
             time.sleep(0.2)
     finally:
-        if broker.process is not None:
-            broker.process.send_signal(signal.SIGCONT)
+        broker.process.send_signal(signal.SIGCONT)
         code = agent.stop()
     assert code == 0, agent.log()
     expected = jsonl_ids(tmp_path / "out.jsonl")
@@ -409,5 +417,4 @@ def test_a_broker_that_stops_acknowledging_is_noticed_and_the_link_reconnected(
         assert time.monotonic() < deadline, "detections of the stall never arrived"
         time.sleep(0.2)
     sub.stop()
-    broker.stop()
     assert [frame for _, frame in frame_ids(sub.on(f"{PREFIX}/detections"))] == expected
