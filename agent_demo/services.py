@@ -1,4 +1,5 @@
-"""Real services on loopback for the demo and the tests: a Mosquitto broker on a free port.
+"""Real services on loopback for the demo, the tests and the benchmarks: a Mosquitto broker on a
+free port, and a live camera (a motion-JPEG stream over TCP) that can be made to stall.
 
 The demo tells its story against the same broker the integration tests start (one copy of how
 to configure, start and stop it): its own config file, a free port on 127.0.0.1, optional users,
@@ -11,6 +12,7 @@ import getpass
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,3 +125,70 @@ class Mosquitto:
     def log(self) -> str:
         path = self.folder / "mosquitto.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+class MjpegCamera:
+    """A live camera on loopback: a clip's frames as a motion-JPEG stream over TCP, paced at the
+    clip's rate, that the agent reads as ``tcp://127.0.0.1:PORT`` through OpenCV's FFmpeg like an
+    IP camera. ``stall`` keeps the connection open and sends nothing, as a hung camera does."""
+
+    def __init__(self, video: Path, fps: float | None = None, quality: int = 85) -> None:
+        import cv2
+
+        capture = cv2.VideoCapture(str(video))
+        if not capture.isOpened():
+            raise ServiceError(f"cannot open the clip {video}")
+        self.fps = fps or capture.get(cv2.CAP_PROP_FPS) or 12.0
+        self.frames: list[bytes] = []
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                break
+            self.frames.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
+                               .tobytes())  # fmt: skip
+        capture.release()
+        if not self.frames:
+            raise ServiceError(f"the clip {video} has no frames")
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.uri = f"tcp://127.0.0.1:{self.port}"
+        self.connections = 0
+        self._resume_at = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="mjpeg-camera", daemon=True)
+
+    def start(self) -> MjpegCamera:
+        self._thread.start()
+        return self
+
+    def stall(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` on whatever connection is open (and any new one)."""
+        self._resume_at = time.monotonic() + seconds
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.close()
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        self._server.settimeout(0.2)
+        index = 0
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:  # the timeout, or the server closed by stop()
+                continue
+            self.connections += 1
+            with client:
+                due = time.monotonic()
+                while not self._stop.is_set():
+                    if time.monotonic() < self._resume_at:
+                        time.sleep(0.05)
+                        continue
+                    try:
+                        client.sendall(self.frames[index % len(self.frames)])
+                    except OSError:
+                        break  # the reader went away: wait for its reconnect
+                    index += 1
+                    due += 1.0 / self.fps
+                    time.sleep(max(0.0, due - time.monotonic()))

@@ -1,6 +1,7 @@
-"""The soak's 3-minute version: the real agent under scheduled faults (broker SIGTERM, SIGKILL
-and freeze, SIGHUP, malformed commands) exits 0, delivers every frame in order and keeps its fds
-and threads; ``benchmarks/soak.py --minutes 50`` is the long run."""
+"""The soak's 4-minute version: the real agent on a live camera under scheduled faults (broker
+SIGTERM, SIGKILL and freeze, SIGHUP, malformed commands, a camera stall, an OTA update, a full
+disk) exits 0, delivers every frame in order and keeps its fds and threads;
+``benchmarks/soak.py --minutes 50`` is the long run."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
-def test_three_minutes_of_scheduled_faults_leave_the_agent_whole(shared, tmp_path):
+def test_four_minutes_of_scheduled_faults_leave_the_agent_whole(shared, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "soak.py", "--minutes", "3", "--json", "--shared", str(shared),
+        [sys.executable, "soak.py", "--minutes", "4", "--json", "--shared", str(shared),
          "--keep", str(tmp_path / "soak")],
         cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
@@ -33,6 +34,10 @@ def test_three_minutes_of_scheduled_faults_leave_the_agent_whole(shared, tmp_pat
     ), report
     assert report["fds_threads_recovered"], report["faults"]
     assert [f["fault"] for f in report["faults"]] == [
-        "broker_sigterm", "sighup", "bad_commands", "broker_frozen", "broker_sigkill",
+        "broker_sigterm", "sighup", "bad_commands", "camera_stall", "broker_frozen", "ota_swap",
+        "disk_full", "broker_sigkill",
     ]  # fmt: skip
+    assert report["camera_reconnected_after_stall"] and report["update_committed"], report
+    if os.geteuid() == 0:  # the full disk needs a tmpfs mounted
+        assert not report["skipped"], report["skipped"]
     assert result.returncode == 0 and report["pass"], report
