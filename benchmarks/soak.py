@@ -145,20 +145,13 @@ class SmallDisk:
 
     def fill(self) -> Path:
         filler = self.folder / "filler"
-        with filler.open("wb") as out:
-            try:
-                while True:
-                    out.write(b"\0" * 2**20)
-                    out.flush()
-            except OSError:
-                pass
-        with filler.open("ab") as out:  # the last bytes too
-            try:
-                while True:
-                    out.write(b"\0" * 512)
-                    out.flush()
-            except OSError:
-                pass
+        with filler.open("wb", buffering=0) as out:  # unbuffered: nothing left to fail at close
+            for chunk in (2**20, 4096, 1):  # then the last bytes too
+                try:
+                    while True:
+                        out.write(b"\0" * chunk)
+                except OSError:
+                    pass
         return filler
 
     def close(self) -> None:

@@ -211,12 +211,14 @@ def test_stop_drains_frames_in_flight(bus_video, tiny_backend):
         PipelineConfig(),
         emit_empty=True,
     )
+    earlier = set(threading.enumerate())  # e.g. workers other tests abandoned on purpose
     pipeline.start()
     time.sleep(0.5)
     pipeline.stop()
     assert pipeline.wait(timeout=60)
     assert pipeline.stats.frames_in == pipeline.stats.frames_out
-    stages = [t for t in threading.enumerate() if t.name in ("capture", "inference")]
+    stages = [t for t in threading.enumerate()
+              if t.name in ("capture", "inference") and t not in earlier]  # fmt: skip
     for thread in stages:  # wait() joins for a second each; a loaded machine may need longer
         thread.join(timeout=60)
     assert not any(t.is_alive() for t in stages)

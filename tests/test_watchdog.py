@@ -273,6 +273,7 @@ def scripted_live_agent(tmp_path, tiny, monkeypatch, captures, source: dict, wat
             "state_dir": str(tmp_path / "state"),
             "model": {"path": str(tiny_path)},
             "source": {"uri": "rtsp://camera/stream", **source},
+            "sinks": {"jsonl": str(tmp_path / "out.jsonl"), "every_frame": True},
             "watchdog": {"check_interval_s": 0.05, **watchdog},
         },
         "test",
@@ -424,7 +425,7 @@ def test_a_silent_source_is_restarted_by_the_ladder_and_recovers(tmp_path, tiny,
         tmp_path,
         tiny,
         monkeypatch,
-        [ScriptedCapture(10, then="stall", interval=0.01)]
+        [ScriptedCapture(300, then="stall", interval=0.002)]
         + [ScriptedCapture(100_000, interval=0.01) for _ in range(3)],
         {"stall_timeout_s": 60},
         {"source_stall_s": 0.5, "verify_s": 0.5},
@@ -434,6 +435,12 @@ def test_a_silent_source_is_restarted_by_the_ladder_and_recovers(tmp_path, tiny,
     assert steps == ["restart_source"]
     assert len(opened) == 2 and agent.source is opened[1]
     assert agent.source.stats.frames > 10
+    # the reopened camera counts from 0 again; the session's frame ids must not (subscribers
+    # drop a (session, frame_id) they saw as a resend: the soak lost 110 frames that way)
+    ids = [
+        json.loads(line)["frame_id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()
+    ]
+    assert ids == sorted(set(ids)), "frame ids repeat or go back after the source was reopened"
 
 
 def test_a_crashed_stage_exits_non_zero_so_that_systemd_restarts_the_agent(

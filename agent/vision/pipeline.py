@@ -149,6 +149,8 @@ class Pipeline:
         self.config = config
         self.emit_empty = emit_empty
         self.max_frames = max_frames
+        self._last_frame_id = -1
+        self._numbering: tuple[FrameSource | None, int] = (None, 0)  # (source, id offset)
         self.stats = PipelineStats(config.latency_window)
         self.error: SourceError | None = None
         self._paired_frames = 0
@@ -203,6 +205,16 @@ class Pipeline:
         self.abandoned_workers += 1
         self.busy_since["inference"] = None
         self._start_inference_worker()
+
+    def _numbered(self, source: FrameSource, frame: Frame) -> Frame:
+        """Frame ids go on rising across a reopened source, which counts from 0 again: a
+        subscriber takes a (session, frame_id) it has seen for a resend and drops it."""
+        if source is not self._numbering[0]:
+            self._numbering = (source, self._last_frame_id + 1 - frame.frame_id)
+        if self._numbering[1]:
+            frame.frame_id += self._numbering[1]
+        self._last_frame_id = frame.frame_id
+        return frame
 
     def replace_source(self, source: FrameSource) -> FrameSource:
         """Swap in a reopened source; the capture loop reads from it from its next frame on."""
@@ -287,6 +299,7 @@ class Pipeline:
                     continue  # a frame from the source that was just replaced
                 if frame is None:
                     break
+                frame = self._numbered(source, frame)
                 self.stats.count("frames_in")
                 if not source.live:
                     # a file frame's capture cost is its decode; a live frame's is its age
