@@ -7,6 +7,7 @@ the way a camera sees the same scene at different framings and light.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,22 @@ def sample_frames(folder: Path, count: int, role: str = "frames") -> SampledFram
             f"(e.g. {skipped[-1]})"
         )
     return SampledFrames(usable, len(images), skipped)
+
+
+def content_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def refuse_overlap(frames: list[Path], evaluation: list[Path], role: str = "recovery") -> None:
+    """Raises FactoryError naming the first frame that is also an evaluation image."""
+    judged = {content_hash(p): p for p in evaluation}
+    for frame in frames:
+        twin = judged.get(content_hash(frame))
+        if twin is not None:
+            raise FactoryError(
+                f"{role} frame {frame} is the evaluation image {twin} (same content): learning "
+                "from what the model is judged on makes its mAP meaningless; remove it"
+            )
 
 
 def tensors(paths: Sequence[Path], input_hw: tuple[int, int]) -> Iterator[dict[str, np.ndarray]]:

@@ -1,4 +1,5 @@
-"""Evaluate models side by side: mAP (pycocotools), latency, FPS, size, parameters, agreement.
+"""Evaluate models side by side: mAP (models.metrics, pycocotools' rules, with intervals),
+latency, FPS, size, parameters, agreement.
 
 Everything a device would do is done by the agent's own code (letterbox, backend, decode + NMS),
 so the figures are the device's. Latency is measured interleaved, one inference per model per
@@ -9,8 +10,6 @@ latency is not measured (emulated time says nothing of the device's).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import time
@@ -113,63 +112,14 @@ def _class_map(dataset: Dataset, names: dict[int, str]) -> dict[int, int]:
     return {cid: by_name.get(label, -1) for cid, label in dataset.categories.items()}
 
 
-def coco_map(
-    dataset: Dataset, detections: list[list[Detection]], class_map: dict[int, int]
-) -> tuple[float, float]:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    truth: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
-    classes: set[int] = set()
-    for index, sample in enumerate(dataset.samples):
-        truth["images"].append({"id": index, "width": sample.width, "height": sample.height})
-        for cls, (x, y, w, h) in sample.boxes:
-            model_cls = class_map.get(cls, -1)
-            classes.add(model_cls)
-            truth["annotations"].append(
-                {
-                    "id": len(truth["annotations"]) + 1,
-                    "image_id": index,
-                    "category_id": model_cls,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
-    results = []
-    for index, found in enumerate(detections):
-        for d in found:
-            classes.add(d.class_id)
-            x1, y1, x2, y2 = d.box
-            results.append(
-                {
-                    "image_id": index,
-                    "category_id": d.class_id,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": d.score,
-                }
-            )
-    truth["categories"] = [{"id": c} for c in sorted(classes)]
-    if not results:
-        return 0.0, 0.0
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground = COCO()
-        ground.dataset = truth
-        ground.createIndex()
-        evaluation = COCOeval(ground, ground.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return float(evaluation.stats[0]), float(evaluation.stats[1])
-
-
 def outputs_map(
     dataset: Dataset, outputs: list[np.ndarray], boxes: list[Any], names: dict[int, str]
 ) -> tuple[float, float]:
     """mAP50-95 and mAP50 of raw head outputs (one per dataset image, with its letterbox), through
     the agent's decode: for outputs computed elsewhere (an NPU simulator)."""
     found = [decode(o, box, EVAL_PARAMS, names) for o, box in zip(outputs, boxes, strict=True)]
-    return coco_map(dataset, found, _class_map(dataset, names))
+    figures = scores(_matches(dataset, found, names))
+    return figures.map50_95, figures.map50
 
 
 def agreement(reference: list[list[Detection]], candidate: list[list[Detection]]) -> float:
@@ -271,10 +221,10 @@ def _passes(
     return passes
 
 
-def detect(backend: Backend, dataset: Dataset, params: DetectionParams) -> list[list[Detection]]:
-    """``backend``'s detections of every image of ``dataset`` (the agent's letterbox and decode)."""
-    found = _passes([Path(backend.info.model_path)], [backend], [None], dataset, keep=0)[0]
-    return found.for_map if params == EVAL_PARAMS else found.operating
+def detect(backend: Backend, dataset: Dataset) -> list[list[Detection]]:
+    """``backend``'s detections of every image of ``dataset`` at the mAP thresholds
+    (``EVAL_PARAMS``), through the agent's letterbox and decode."""
+    return _passes([Path(backend.info.model_path)], [backend], [None], dataset, keep=0)[0].for_map
 
 
 def _matches(dataset: Dataset, found: list[list[Detection]], names: dict[int, str]) -> Matches:

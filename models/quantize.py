@@ -19,7 +19,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from agent.config import ModelConfig
 from agent.vision import file_digest, load_backend
-from models.calibration import calibration_images, sample_frames, tensors
+from models.calibration import calibration_images, refuse_overlap, sample_frames, tensors
 from models.errors import FactoryError, ModelError
 from models.outputs import atomic_path, refuse_existing
 
@@ -248,12 +248,14 @@ def quantize(
     on_stage: Callable[[str], None] | None = None,
     target: str | None = None,
     frames: int | None = None,
+    evaluation: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Quantize ``source`` to INT8 QDQ at ``output``; returns the calibration summary.
 
     ``calibration`` is a folder: with ``frames``, a user's frames of which that many are picked
     evenly (files that are not images or do not decode are skipped and reported through
-    ``on_stage``); without, every image in it, each of which must decode.
+    ``on_stage``); without, every image in it, each of which must decode. An image that is
+    also one of ``evaluation`` (by content) is refused.
 
     ``target`` (see ``models.recipes``, which picks ``settings`` for it) is recorded in the
     summary and in the model's metadata: what the model was made for.
@@ -279,6 +281,7 @@ def quantize(
         for line in sampled.skipped:
             stage(f"skipped {line}")
         stage(f"calibrating on {len(images)} of the {available} frames in {calibration}")
+    refuse_overlap(images, evaluation, "calibration")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edge-quant-") as work:
         prepared = Path(work) / "prepared.onnx"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -91,3 +94,53 @@ def yolo_labels(label_file: Path, width: int, height: int) -> list[tuple[int, np
         cx, cy, w, h = float(cx) * width, float(cy) * height, float(w) * width, float(h) * height
         boxes.append((int(c), np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])))
     return boxes
+
+
+# -- pycocotools: the oracle models/metrics.py is checked against --------------------------------
+def coco_map(dataset, detections, class_map: dict[int, int]) -> tuple[float, float]:
+    """mAP50-95 and mAP50 by pycocotools itself (stats[0], stats[1])."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    truth: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
+    classes: set[int] = set()
+    for index, sample in enumerate(dataset.samples):
+        truth["images"].append({"id": index, "width": sample.width, "height": sample.height})
+        for cls, (x, y, w, h) in sample.boxes:
+            model_cls = class_map.get(cls, -1)
+            classes.add(model_cls)
+            truth["annotations"].append(
+                {
+                    "id": len(truth["annotations"]) + 1,
+                    "image_id": index,
+                    "category_id": model_cls,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    results = []
+    for index, found in enumerate(detections):
+        for d in found:
+            classes.add(d.class_id)
+            x1, y1, x2, y2 = d.box
+            results.append(
+                {
+                    "image_id": index,
+                    "category_id": d.class_id,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": d.score,
+                }
+            )
+    truth["categories"] = [{"id": c} for c in sorted(classes)]
+    if not results:
+        return 0.0, 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground = COCO()
+        ground.dataset = truth
+        ground.createIndex()
+        evaluation = COCOeval(ground, ground.loadRes(results), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return float(evaluation.stats[0]), float(evaluation.stats[1])

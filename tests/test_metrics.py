@@ -10,8 +10,8 @@ import pytest
 
 from agent.vision import Detection
 from models.datasets import Dataset, Sample
-from models.evaluate import coco_map
 from models.metrics import match, paired_difference, scores
+from tests.reference import coco_map
 
 
 def synthetic(seed: int, images: int = 60, classes: int = 4):
@@ -64,11 +64,11 @@ def test_map_equals_pycocotools_on_noisy_detections(seed):
 def test_map_equals_pycocotools_for_the_real_model_on_real_photos(name, fp32_backend, request):
     from dataclasses import replace
 
-    from models.evaluate import EVAL_PARAMS, detect
+    from models.evaluate import detect
 
     dataset = request.getfixturevalue(name)
     dataset = replace(dataset, samples=dataset.samples[:48])
-    found = detect(fp32_backend, dataset, EVAL_PARAMS)
+    found = detect(fp32_backend, dataset)
     ours = scores(match(*as_tuples(dataset, found)))
     theirs = coco_map(dataset, found, {c: c for c in range(80)})
     assert ours.map50_95 == pytest.approx(theirs[0], abs=1e-9)

@@ -10,7 +10,6 @@ from models.cli.common import EXIT_OK
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from models.calibration import calibration_images
     from models.quantize import quantize
     from models.recipes import recipe
     from models.release import host_target
@@ -25,17 +24,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if args.target is None:
         print(f"- target {target} (this machine; --target to choose another)", file=sys.stderr)
+    evaluation = []
     if args.data is not None:
-        from models.calibration import sample_frames
         from models.datasets import load_dataset
-        from models.optimize.frames import refuse_overlap
 
-        picked = (
-            sample_frames(args.frames, args.count).paths
-            if args.frames
-            else calibration_images(args.calib)
-        )
-        refuse_overlap(picked, [s.image for s in load_dataset(args.data).samples], "calibration")
+        evaluation = [sample.image for sample in load_dataset(args.data).samples]
     summary = quantize(
         args.model,
         args.frames or args.calib,
@@ -46,6 +39,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         on_stage=lambda text: print(f"- {text}", file=sys.stderr),
         target=target,
         frames=args.count if args.frames else None,
+        evaluation=evaluation,
     )
     size_ratio = args.out.stat().st_size / args.model.stat().st_size
     print(

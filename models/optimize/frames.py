@@ -10,13 +10,13 @@ Frames are letterboxed exactly as the agent does it.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from models.calibration import calibration_images, tensors
-from models.errors import FactoryError
+from models.calibration import calibration_images, content_hash, refuse_overlap, tensors
+
+__all__ = ["content_hash", "frame_paths", "load_frames", "refuse_overlap"]
 
 
 def frame_paths(folder: Path) -> list[Path]:
@@ -26,22 +26,6 @@ def frame_paths(folder: Path) -> list[Path]:
         FactoryError: not a folder, no images in it, or an unreadable one.
     """
     return calibration_images(folder, "recovery frames")
-
-
-def content_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def refuse_overlap(frames: list[Path], evaluation: list[Path], role: str = "recovery") -> None:
-    """Raises FactoryError naming the first frame that is also an evaluation image."""
-    judged = {content_hash(p): p for p in evaluation}
-    for frame in frames:
-        twin = judged.get(content_hash(frame))
-        if twin is not None:
-            raise FactoryError(
-                f"{role} frame {frame} is the evaluation image {twin} (same content): learning "
-                "from what the model is judged on makes its mAP meaningless; remove it"
-            )
 
 
 def load_frames(paths: list[Path], imgsz: tuple[int, int]) -> np.ndarray:
