@@ -4,19 +4,22 @@ The real agent (`edge-agent run`, its own process) on the shared INT8 model, rea
 (a real clip served as a motion-JPEG stream over TCP at its own rate, `agent_demo.MjpegCamera`),
 publishing to a real mosquitto (persistence on) that a persistent subscriber watches, following a
 signed OTA channel. Faults on a schedule spread over the run: broker SIGTERM and restart, SIGHUP
-reload, a burst of malformed commands, the camera stalling (connection open, nothing sent) past
-the stall timeout, broker frozen (SIGSTOP) for 5 s, an OTA update (a new build of the running
-model published and announced: download, self-test, hot swap, probation, commit), the outbox's
-disk full for 15 s (a tmpfs filled to the last byte; needs root, else reported as skipped), broker
-SIGKILL and restart. Sampled every second: the agent's RSS and USS, open fds and threads.
+reload, a burst of malformed commands, the camera stalling (connection open, nothing sent) past the
+stall timeout, broker frozen (SIGSTOP) for 5 s, an OTA update (a new build of the running model
+published and announced: download, self-test, hot swap, probation, commit), a bad update (the same
+model with every box shifted by 30 px: it passes its own self-test, and probation's paired
+agreement must send it back to the good one), the outbox's disk full for 15 s (a tmpfs filled to
+the last byte; needs root, else reported as skipped), broker SIGKILL and restart. Sampled every
+second: the agent's RSS and USS, open fds and threads.
 
 Pass: exit 0 at SIGTERM; every frame the agent recorded (its JSON-lines sink, the ground truth)
 arrives in order, except what a SIGKILLed broker had not yet persisted (counted and reported, not
 failed: that is the broker's setting, see docs/faults.md) and what the agent itself reported
-dropping while its disk was full (`dropped_unwritten`); the camera reconnected after its stall;
-the update committed; fds and threads back within a small margin of the baseline 10 s after each
-fault; and, for runs of 30 minutes and more, an RSS slope after warm-up under 5 MB/h (shorter
-runs print the slope but do not judge it: minutes cannot measure megabytes per hour).
+dropping while its disk was full (`dropped_unwritten`); the camera reconnected after its stall; the
+update committed and the bad one was sent back; fds and threads back within a small margin of the
+baseline 10 s after each fault; and, for runs of 30 minutes and more, an RSS slope after warm-up
+under 5 MB/h (shorter runs print the slope but do not judge it: minutes cannot measure megabytes
+per hour).
 
 Usage: python benchmarks/soak.py [--minutes 50] [--json]   (tests/test_soak.py runs 4 minutes)
 """
@@ -53,12 +56,14 @@ FAULTS = (
     "camera_stall",
     "broker_frozen",
     "ota_swap",
+    "ota_rollback",
     "disk_full",
     "broker_sigkill",
 )
 CAMERA_STALL_S = 3.0  # the agent's stall timeout; the camera stalls for 4x that
 DISK_BYTES = 64 * 2**20  # the outbox's tmpfs
-UPDATE = "1.1.0"
+UPDATE, BAD_UPDATE = "1.1.0", "1.2.0"
+SHIFT_PX = 30.0  # the bad update's boxes, in model input pixels
 
 
 class Watcher:
@@ -119,15 +124,37 @@ class Channel:
         entry.key, entry.value = "build", "soak update: the same model, rebuilt"
         self.update = work / "update.onnx"
         onnx.save(model, str(self.update))
+        self.bad_update = work / "bad-update.onnx"
+        onnx.save(shifted(model, SHIFT_PX), str(self.bad_update))
         self.images = [shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"]
 
-    def publish(self, version: str) -> None:
+    def publish(self, version: str, model: Path) -> None:
         from models.channel import publish
         from models.golden import record_golden
 
-        golden = record_golden(self.update, self.images)
-        publish(self.folder, self.keys, self.update, version, golden, name="yolov8n-coco",
+        golden = record_golden(model, self.images)  # its own: the self-test cannot see the shift
+        publish(self.folder, self.keys, model, version, golden, name="yolov8n-coco",
                 target="cpu-x86_64", gate={"skipped": True, "why": "soak"})  # fmt: skip
+
+
+def shifted(model, pixels: float):
+    """``model`` with ``pixels`` added to every box centre (x and y) in its raw output: a model that
+    runs as fast, finds the same things, and puts every box in the wrong place."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    output = bad.graph.output[0].name
+    rows = bad.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    offset = np.zeros((1, rows, 1), np.float32)
+    offset[0, :2, 0] = pixels
+    for node in bad.graph.node:
+        node.output[:] = [f"{output}_unshifted" if o == output else o for o in node.output]
+    bad.graph.initializer.append(numpy_helper.from_array(offset, "box_shift"))
+    bad.graph.node.append(helper.make_node("Add", [f"{output}_unshifted", "box_shift"], [output]))
+    onnx.checker.check_model(bad)
+    return bad
 
 
 class SmallDisk:
@@ -197,7 +224,8 @@ def run(shared: Path, minutes: float, work: Path, faults_wanted: tuple[str, ...]
     schedule = {name: started + duration * (i + 1) / (len(faults_wanted) + 1)
                 for i, name in enumerate(faults_wanted)}  # fmt: skip
     context = {"broker": broker, "agent": agent, "camera": camera, "channel": channel,
-               "disk": disk, "kills": [], "skipped": {}}  # fmt: skip
+               "disk": disk, "kills": [], "skipped": {}, "work": work,
+               "wanted": faults_wanted}  # fmt: skip
     try:
         while time.monotonic() - started < duration:
             assert agent.poll() is None, f"the agent exited ({agent.returncode}); see agent.log"
@@ -252,14 +280,18 @@ def inject(name: str, context: dict) -> None:
         time.sleep(5)
         broker.process.send_signal(signal.SIGCONT)
     elif name == "ota_swap":
-        context["channel"].publish(UPDATE)
-        client = paho.Client(CallbackAPIVersion.VERSION2)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
-        client.publish("edge/fleet/stable/announce", json.dumps({"version": UPDATE}), qos=1)
-        time.sleep(1)
-        client.disconnect()
-        client.loop_stop()
+        context["channel"].publish(UPDATE, context["channel"].update)
+        announce(broker, UPDATE)
+    elif name == "ota_rollback":
+        # after the good update's verdict (an update on probation is not replaced)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (
+            agent_state(context["work"]).get("probation") is not None
+            or ("ota_swap" in context["wanted"] and active_version(context["work"]) != UPDATE)
+        ):
+            time.sleep(1)
+        context["channel"].publish(BAD_UPDATE, context["channel"].bad_update)
+        announce(broker, BAD_UPDATE)
     elif name == "disk_full":
         disk = context["disk"]
         if disk.why_not is not None:
@@ -274,6 +306,28 @@ def inject(name: str, context: dict) -> None:
         broker.process.wait(10)
         time.sleep(5)
         broker.start()
+
+
+def agent_state(work: Path) -> dict:
+    path = work / "state" / "models" / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not yet written, or being replaced
+        return {}
+
+
+def active_version(work: Path) -> str | None:
+    return (agent_state(work).get("active") or {}).get("version")
+
+
+def announce(broker, version: str) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    client.publish("edge/fleet/stable/announce", json.dumps({"version": version}), qos=1)
+    time.sleep(1)
+    client.disconnect()
+    client.loop_stop()
 
 
 def judge(work: Path, samples, faults, code: int, got, minutes: float, context: dict) -> dict:
@@ -305,9 +359,12 @@ def judge(work: Path, samples, faults, code: int, got, minutes: float, context: 
     wanted = [f["fault"] for f in faults]
     outbox = context["telemetry"].get("outbox", {})
     dropped_by_disk = int(outbox.get("dropped_unwritten", 0))
-    state_file = work / "state" / "models" / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    committed = (state.get("active") or {}).get("version") == UPDATE
+    state = agent_state(work)
+    committed = active_version(work) == UPDATE
+    bad_tried = state.get("rejected", {}).get(BAD_UPDATE) or state.get("soft_failures", {}).get(
+        BAD_UPDATE
+    )
+    bad_sent_back = bool(bad_tried) and active_version(work) != BAD_UPDATE
     stall_recovered = context["camera_connections"] > context.get(
         "camera_connections_before_stall", context["camera_connections"]
     )
@@ -322,6 +379,7 @@ def judge(work: Path, samples, faults, code: int, got, minutes: float, context: 
         "outbox": outbox,
         "camera_reconnected_after_stall": stall_recovered if "camera_stall" in wanted else None,
         "update_committed": committed if "ota_swap" in wanted else None,
+        "bad_update_sent_back": bad_sent_back if "ota_rollback" in wanted else None,
         "skipped": context["skipped"],
         "in_order": in_order,
         "rss_mb": [round(samples[0]["rss_mb"], 1), round(samples[-1]["rss_mb"], 1)],
@@ -336,6 +394,7 @@ def judge(work: Path, samples, faults, code: int, got, minutes: float, context: 
                       and report["fds_threads_recovered"]
                       and report["camera_reconnected_after_stall"] is not False
                       and report["update_committed"] is not False
+                      and report["bad_update_sent_back"] is not False
                       and (not judged_slope or slope < 5.0))  # fmt: skip
     return report
 

@@ -1,6 +1,6 @@
 """The soak's 4-minute version: the real agent on a live camera under scheduled faults (broker
-SIGTERM, SIGKILL and freeze, SIGHUP, malformed commands, a camera stall, an OTA update, a full
-disk) exits 0, delivers every frame in order and keeps its fds and threads;
+SIGTERM, SIGKILL and freeze, SIGHUP, malformed commands, a camera stall, an OTA update, a bad
+update that probation must send back, a full disk) exits 0, delivers every frame in order and keeps its fds and threads;
 ``benchmarks/soak.py --minutes 50`` is the long run."""
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ def test_four_minutes_of_scheduled_faults_leave_the_agent_whole(shared, tmp_path
     assert report["fds_threads_recovered"], report["faults"]
     assert [f["fault"] for f in report["faults"]] == [
         "broker_sigterm", "sighup", "bad_commands", "camera_stall", "broker_frozen", "ota_swap",
-        "disk_full", "broker_sigkill",
+        "ota_rollback", "disk_full", "broker_sigkill",
     ]  # fmt: skip
     assert report["camera_reconnected_after_stall"] and report["update_committed"], report
+    assert report["bad_update_sent_back"], report
     if os.geteuid() == 0:  # the full disk needs a tmpfs mounted
         assert not report["skipped"], report["skipped"]
     assert result.returncode == 0 and report["pass"], report
