@@ -1,7 +1,7 @@
 """The soak's 4-minute version: the real agent on a live camera under scheduled faults (broker
 SIGTERM, SIGKILL and freeze, SIGHUP, malformed commands, a camera stall, an OTA update, a bad
-update that probation must send back, a full disk) exits 0, delivers every frame in order and keeps its fds and threads;
-``benchmarks/soak.py --minutes 50`` is the long run."""
+update that probation must send back, a full disk) exits 0, delivers every frame in order and
+keeps its fds and threads; ``benchmarks/soak.py --minutes 50`` is the long run."""
 
 from __future__ import annotations
 
