@@ -254,7 +254,9 @@ def test_ort_runs_really_stop_when_cancelled(fp32_backend):
     fp32_backend.infer(tensor)  # the next run is unaffected
 
 
-def scripted_live_agent(tmp_path, tiny, monkeypatch, captures, source: dict, watchdog: dict):
+def scripted_live_agent(
+    tmp_path, tiny, monkeypatch, captures, source: dict, watchdog: dict, backend=None
+):
     """An Agent on a scripted live source (real LiveSource code), reopened from ``captures``."""
     from agent.vision.sources import LiveSource
 
@@ -278,7 +280,7 @@ def scripted_live_agent(tmp_path, tiny, monkeypatch, captures, source: dict, wat
         },
         "test",
     )
-    agent = Agent(config, backend=inner)
+    agent = Agent(config, backend=backend or inner)
     events: list[dict] = []
     agent.events.publish = events.append
     return agent, events, opened
@@ -519,3 +521,60 @@ def test_the_recent_fps_falls_to_zero_when_output_stops():
     assert stats.recent_fps(10.0, 5.0) == pytest.approx(10.0, rel=0.05)
     assert stats.throughput_fps() == pytest.approx(10.0, rel=0.05)
     assert stats.recent_fps(30.0, 5.0) == 0.0  # the run's average would still say 10
+
+
+class SlowBackend(StuckBackend):
+    """Answers every inference, each after ``delay_s``: a device too slow for its camera."""
+
+    def __init__(self, inner, delay_s: float) -> None:
+        super().__init__(inner)
+        self.delay_s = delay_s
+
+    def infer(self, tensor):
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return self.inner.infer(tensor)
+
+
+def test_a_device_too_slow_for_its_camera_says_so_and_is_not_restarted(tmp_path, tiny, monkeypatch):
+    """Restarting cannot make a device faster (it used to climb the ladder to exit: a restart
+    loop); the camera delivers its 30 fps, the device keeps the newest frame and reports."""
+    from tests.test_sources import ScriptedCapture
+
+    agent, events, _ = scripted_live_agent(
+        tmp_path, tiny, monkeypatch, [ScriptedCapture(1_000_000, interval=1 / 30)], {},
+        {"min_fps_ratio": 0.3, "fps_window_s": 1.0, "verify_s": 0.2},
+        backend=SlowBackend(tiny[1], delay_s=0.3),  # about 3 of the camera's 30 fps
+    )  # fmt: skip
+    degraded_at: list[int] = []
+
+    def degraded_and_more_frames() -> bool:
+        if not degraded_at and any(e["kind"] == "degraded" for e in events):
+            degraded_at.append(agent.pipeline.stats.frames_out)
+        return bool(degraded_at) and agent.pipeline.stats.frames_out >= degraded_at[0] + 10
+
+    run_until(agent, degraded_and_more_frames, timeout=120)
+    kinds = [e["kind"] for e in events]
+    assert kinds.count("degraded") == 1, kinds
+    assert "escalation" not in kinds and not agent.supervisor.steps_taken, events
+    degraded = next(e for e in events if e["kind"] == "degraded")
+    assert degraded["details"]["fps_in"] > degraded["details"]["fps_out"], degraded
+
+
+def test_a_camera_that_delivers_far_below_its_rate_is_a_source_fault(tmp_path, tiny, monkeypatch):
+    from tests.test_sources import ScriptedCapture
+
+    agent, events, opened = scripted_live_agent(
+        tmp_path, tiny, monkeypatch, [ScriptedCapture(1_000_000, interval=0.5) for _ in range(5)],
+        {}, {"min_fps_ratio": 0.3, "fps_window_s": 1.0, "verify_s": 0.5},
+    )  # fmt: skip
+
+    def restarted() -> bool:
+        return any(e["kind"] == "escalation" for e in events) and len(opened) >= 2
+
+    run_until(agent, restarted, timeout=120)
+    assert len(opened) >= 2, "the source was not reopened"
+    step = next(e for e in events if e["kind"] == "escalation")
+    assert step["details"]["step"] == "restart_source", step
+    assert "the camera delivers" in step["details"]["reason"], step
+    assert not any(e["kind"] == "degraded" for e in events)

@@ -128,6 +128,7 @@ class Supervisor:
         self._progress = (time.monotonic(), 0)  # when frames_in last moved, and its value
         self._output = (time.monotonic(), 0)  # when frames_out last moved, and its value
         self._slow_since: float | None = None
+        self.degraded: str | None = None  # why output runs below the camera's rate, if it does
         self.cancelled_at: float | None = None
 
     def start(self) -> None:
@@ -190,20 +191,38 @@ class Supervisor:
                     f"(limit {config.link_stall_s:g} s)",
                 )
             )
-        nominal = pipeline.source.nominal_fps
-        fps = stats.recent_fps(now, config.fps_window_s)
-        if (
-            pipeline.source.live
-            and nominal
-            and fps is not None
-            and fps < config.min_fps_ratio * nominal
-        ):
-            self._slow_since = self._slow_since or now
-            if now - self._slow_since > config.fps_window_s:
-                faults.append(Fault("source", f"fps {fps:.1f} far below the nominal {nominal:.1f}"))
-        else:
-            self._slow_since = None
+        faults.extend(self._judge_rate(now))
         return faults
+
+    def _judge_rate(self, now: float) -> list[Fault]:
+        """Output far below the camera's nominal rate for ``fps_window_s``: when the camera
+        itself delivers too few frames it is a source fault (a reconnect can help); when it
+        delivers and this device cannot keep up, restarting would only lose more frames, so the
+        agent says so once (``degraded``) and keeps going, newest frame first."""
+        pipeline, config = self.pipeline, self.config
+        nominal = pipeline.source.nominal_fps
+        fps = pipeline.stats.recent_fps(now, config.fps_window_s)
+        floor = config.min_fps_ratio * (nominal or 0.0)
+        if not (pipeline.source.live and nominal and fps is not None and fps < floor):
+            if self.degraded is not None:
+                self.emit("degraded_ended", "keeping up with the camera again", "info")
+                self.degraded = None
+            self._slow_since = None
+            return []
+        self._slow_since = self._slow_since or now
+        if now - self._slow_since <= config.fps_window_s:
+            return []
+        fps_in = pipeline.stats.recent_fps(now, config.fps_window_s, side="in") or 0.0
+        if fps_in < floor:
+            return [Fault("source", f"the camera delivers {fps_in:.1f} fps of its {nominal:.1f}")]
+        if self.degraded is None:
+            self.degraded = (
+                f"processing {fps:.1f} fps of the camera's {fps_in:.1f} (nominal {nominal:.1f}): "
+                "this device cannot keep up; the newest frame is taken, the others skipped"
+            )
+            self.emit("degraded", self.degraded, "warning", fps_out=round(fps, 2),
+                      fps_in=round(fps_in, 2), nominal_fps=nominal)  # fmt: skip
+        return []
 
     # -- the ladder -------------------------------------------------------------------------
     def _escalate(self, faults: list[Fault], now: float) -> None:
@@ -336,6 +355,7 @@ class Supervisor:
                 for stage, began in self.pipeline.busy_since.items()
             },
             "escalations": list(self.steps_taken),
+            "degraded": self.degraded,
         }
         write_atomic(self.health_path, json.dumps(record).encode())
 

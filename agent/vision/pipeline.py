@@ -300,7 +300,7 @@ class Pipeline:
                 if frame is None:
                     break
                 frame = self._numbered(source, frame)
-                self.stats.count("frames_in")
+                self.stats.mark_in(time.monotonic())
                 if not source.live:
                     # a file frame's capture cost is its decode; a live frame's is its age
                     capture_ms = (time.perf_counter() - started) * 1000

@@ -75,9 +75,11 @@ class PipelineStats:
         self.late = 0
         self.errors = 0
         self.inference_failures = 0  # current streak of failed inferences
+        self.first_in: float | None = None
         self.first_out: float | None = None
         self.last_out: float | None = None
-        self._recent_out: deque[float] = deque(maxlen=4096)  # monotonic times of recent output
+        self._recent_in: deque[float] = deque(maxlen=4096)  # monotonic times of recent input
+        self._recent_out: deque[float] = deque(maxlen=4096)  # ... and of recent output
         self._window = window
         self._per_model: weakref.WeakKeyDictionary[Any, ModelStats] = weakref.WeakKeyDictionary()
 
@@ -102,6 +104,13 @@ class PipelineStats:
                 window = self.latency["inference_device"] = LatencyWindow(self._window)
         window.add(millis)
 
+    def mark_in(self, now: float) -> None:
+        with self._lock:
+            self.frames_in += 1
+            if self.first_in is None:
+                self.first_in = now
+            self._recent_in.append(now)
+
     def mark_out(self, now: float) -> None:
         with self._lock:
             self.frames_out += 1
@@ -110,16 +119,22 @@ class PipelineStats:
             self.last_out = now
             self._recent_out.append(now)
 
-    def recent_fps(self, now: float, window_s: float) -> float | None:
-        """Frames out per second over the last ``window_s`` (or since the first one): unlike the
-        run's average, this falls to 0 when output stops, which is what a watchdog must see."""
+    def recent_fps(self, now: float, window_s: float, side: str = "out") -> float | None:
+        """Frames out (or ``side="in"``: taken from the source) per second over the last
+        ``window_s`` (or since the first one): unlike the run's average, this falls to 0 when the
+        frames stop, which is what a watchdog must see."""
         with self._lock:
-            if self.first_out is None:
+            first, times = (
+                (self.first_out, self._recent_out)
+                if side == "out"
+                else (self.first_in, self._recent_in)
+            )
+            if first is None:
                 return None
-            span = min(window_s, now - self.first_out)
+            span = min(window_s, now - first)
             if span <= 0:
                 return None
-            recent = sum(1 for t in self._recent_out if t > now - span)
+            recent = sum(1 for t in times if t > now - span)
         return recent / span
 
     def throughput_fps(self) -> float | None:
