@@ -5,12 +5,13 @@ The real agent (`edge-agent run`, its own process) on the shared INT8 model, rea
 publishing to a real mosquitto (persistence on) that a persistent subscriber watches, following a
 signed OTA channel. Faults on a schedule spread over the run: broker SIGTERM and restart, SIGHUP
 reload, a burst of malformed commands, the camera stalling (connection open, nothing sent) past the
-stall timeout, broker frozen (SIGSTOP) for 5 s, an OTA update (a new build of the running model
-published and announced: download, self-test, hot swap, probation, commit), a bad update (the same
-model with every box shifted by 30 px: it passes its own self-test, and probation's paired
-agreement must send it back to the good one), the outbox's disk full for 15 s (a tmpfs filled to
-the last byte; needs root, else reported as skipped), broker SIGKILL and restart. Sampled every
-second: the agent's RSS and USS, open fds and threads.
+stall timeout, broker frozen (SIGSTOP: a network path that drops everything), an OTA update (a new
+build of the running model published and announced: download, self-test, hot swap, probation,
+commit), a bad update (the same model with every box shifted by 30 px: it passes its own self-test,
+and probation's paired agreement must send it back to the good one), the outbox's disk full (a
+tmpfs filled to the last byte; needs root, else reported as skipped), broker SIGKILL and restart.
+The broker stays frozen and the disk full for half the time between two faults, at most a minute.
+Sampled every second: the agent's RSS and USS, open fds and threads.
 
 Pass: exit 0 at SIGTERM; every frame the agent recorded (its JSON-lines sink, the ground truth)
 arrives in order, except what a SIGKILLed broker had not yet persisted (counted and reported, not
@@ -223,9 +224,13 @@ def run(shared: Path, minutes: float, work: Path, faults_wanted: tuple[str, ...]
     started = time.monotonic()
     schedule = {name: started + duration * (i + 1) / (len(faults_wanted) + 1)
                 for i, name in enumerate(faults_wanted)}  # fmt: skip
+    # how long the broker stays frozen and the disk full: half the time between two faults, at
+    # most a minute (past 1.5 x the 30 s keepalive, so a long run sees paho give up on a frozen
+    # broker and reconnect)
+    hold_s = min(60.0, max(5.0, duration / (len(faults_wanted) + 1) / 2))
     context = {"broker": broker, "agent": agent, "camera": camera, "channel": channel,
                "disk": disk, "kills": [], "skipped": {}, "work": work,
-               "wanted": faults_wanted}  # fmt: skip
+               "wanted": faults_wanted, "hold_s": hold_s}  # fmt: skip
     try:
         while time.monotonic() - started < duration:
             assert agent.poll() is None, f"the agent exited ({agent.returncode}); see agent.log"
@@ -277,7 +282,7 @@ def inject(name: str, context: dict) -> None:
         context["camera"].stall(4 * CAMERA_STALL_S)
     elif name == "broker_frozen":
         broker.process.send_signal(signal.SIGSTOP)
-        time.sleep(5)
+        time.sleep(context["hold_s"])
         broker.process.send_signal(signal.SIGCONT)
     elif name == "ota_swap":
         context["channel"].publish(UPDATE, context["channel"].update)
@@ -298,7 +303,7 @@ def inject(name: str, context: dict) -> None:
             context["skipped"]["disk_full"] = disk.why_not
             return
         filler = disk.fill()
-        time.sleep(15)
+        time.sleep(context["hold_s"])
         filler.unlink()
     elif name == "broker_sigkill":
         context["kills"].append(time.time())
