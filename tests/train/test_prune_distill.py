@@ -17,6 +17,7 @@ from models.errors import FactoryError
 from models.optimize.distill import distil, evaluate_loss
 from models.optimize.frames import frame_paths, load_frames
 from models.optimize.prune import (
+    MAX_SHARE,
     block_ratios,
     prune_groups,
     pruner_for,
@@ -128,6 +129,24 @@ def test_reconstruction_keeps_a_pruned_model_nearer_its_teacher(teacher, frames)
     assert losses[True] < 0.7 * losses[False], losses
 
 
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4])
+def test_rounding_to_eight_never_cuts_a_thin_layer_far_past_its_ratio(teacher, frames, ratio):
+    """Channel counts end on multiples of 8, but no layer loses more than 1.5 x the ratio (with
+    torch-pruning's own rounding, 5 % halved the 16-channel stem and first block: mAP 0)."""
+    student = copy.deepcopy(teacher)
+    before = {name: conv.out_channels for name, conv in student.names.items()}
+    pruner = pruner_for(student, {}, ratio, 8, 2)
+    for _stage in range(2):
+        for _ in prune_groups(pruner, student, frames):
+            pass
+    cut = False
+    for name, conv in student.names.items():
+        n, kept = before[name], conv.out_channels
+        assert kept % 8 == 0 and kept >= n * (1 - MAX_SHARE * ratio) - 1e-9, (name, n, kept)
+        cut = cut or kept < n
+    assert cut, "nothing was pruned"
+
+
 def test_resumed_distillation_ends_where_an_uninterrupted_one_does(teacher, frames):
     straight = copy.deepcopy(teacher)
     whole = distil(straight, teacher, frames, 6, batch=2)
@@ -194,7 +213,7 @@ def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path
                     steps=2, qat_steps=2, rounds=2)  # fmt: skip
     names = [m["name"].split(" ")[0] for m in data["models"]]
     assert names == ["source", "ptq", "prune", "prune+ptq", "qat"]
-    assert data["macs"][2] < 0.6 * data["macs"][0]  # pruned
+    assert data["macs"][2] < 0.75 * data["macs"][0]  # 30 % of the channels: about 0.6x MACs
     assert abs(data["macs"][1] / data["macs"][0] - 1) < 0.01  # PTQ: the same convolutions
     for made in ("report.md", "report.json", "comparison.png", "accuracy_vs_latency.png",
                  "recovery.png", "models/pruned-ptq.onnx", "models/qat.onnx"):  # fmt: skip
