@@ -469,6 +469,17 @@ class AgentConfig(StrictModel):
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     ota: OtaConfig = Field(default_factory=OtaConfig)
 
+    @model_validator(mode="after")
+    def _link_stall_after_a_resend(self) -> AgentConfig:
+        # the watchdog would cut the connection before the publisher had resent its window once
+        if self.mqtt.enabled and self.watchdog.link_stall_s <= self.mqtt.ack_timeout_s:
+            raise ValueError(
+                f"watchdog.link_stall_s ({self.watchdog.link_stall_s:g}) must be above "
+                f"mqtt.ack_timeout_s ({self.mqtt.ack_timeout_s:g}): the link is judged stuck "
+                "only after its unacknowledged messages were sent again"
+            )
+        return self
+
 
 def describe_validation_error(error: ValidationError, origin: str) -> str:
     """One message naming every bad field and why."""

@@ -90,6 +90,16 @@ def test_backoff_bounds_must_be_ordered(tmp_path):
         load_config(path, {})
 
 
+def test_a_link_stall_limit_below_the_ack_timeout_is_refused_naming_both(tmp_path):
+    path = write(
+        tmp_path,
+        "model: {path: m}\nmqtt: {enabled: true, ack_timeout_s: 60}\n"
+        "watchdog: {link_stall_s: 30}\n",
+    )
+    with pytest.raises(ConfigError, match=r"link_stall_s \(30\) must be above .*ack_timeout_s"):
+        load_config(path, {})
+
+
 def test_env_overrides_build_a_tree():
     assert env_overrides(
         {"EDGE_AGENT_A__B": "1", "EDGE_AGENT_A__C": "x", "EDGE_AGENT_CONFIG": "f"}
