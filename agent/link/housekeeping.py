@@ -1,4 +1,6 @@
-"""Housekeeping on one slow thread: counters that become events, outbox expiry, telemetry.
+"""Housekeeping on one slow thread: counters that become events, outbox expiry, telemetry, and
+freed memory handed back to the system every few minutes (glibc keeps what a burst of buffering
+freed, an outage's or a full disk's, and a device's RSS would only ever show its peak).
 
 Counter watching runs with or without MQTT (events are logged either way); the outbox expiry
 and the telemetry message need the link. The telemetry period is read each round, so a SIGHUP
@@ -15,9 +17,10 @@ from agent.link.events import CounterWatch, Events, Watched
 from agent.link.session import Link
 from agent.link.telemetry import Telemetry
 from agent.threads import restarting
-from agent.vision import Pipeline
+from agent.vision import Pipeline, release_freed_memory
 
 EXPIRE_EVERY_S = 60.0
+TRIM_EVERY_S = 300.0
 
 
 class Housekeeper:
@@ -60,12 +63,16 @@ class Housekeeper:
     def _run(self) -> None:
         next_telemetry = time.monotonic() + self.interval_s()
         next_expiry = time.monotonic()
+        next_trim = time.monotonic() + TRIM_EVERY_S
         self.counters.check()  # baseline
         while not self._stop.wait(min(1.0, self.interval_s())):
             self.counters.check()
+            now = time.monotonic()
+            if now >= next_trim:
+                release_freed_memory()
+                next_trim = now + TRIM_EVERY_S
             if self.link is None or self.telemetry is None:
                 continue
-            now = time.monotonic()
             if now >= next_expiry:
                 self.link.outbox.expire()
                 next_expiry = now + EXPIRE_EVERY_S

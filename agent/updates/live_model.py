@@ -19,7 +19,7 @@ from agent import failpoints
 from agent.config import OtaConfig
 from agent.updates.model_store import ModelStore, Probation, SlotRecord, StoreState
 from agent.updates.probation import PairedEvidence, judge
-from agent.vision import Backend, ModelStats, Shadow
+from agent.vision import Backend, ModelStats, Shadow, release_freed_memory
 
 RETIRE_AFTER_S = 5.0  # frames already in flight with a replaced model finish within this
 
@@ -284,6 +284,7 @@ def retire(backend: Backend, keep: Callable[[], Backend] | None = None) -> None:
     def close() -> None:
         if keep is None or keep() is not backend:
             backend.close()
+            release_freed_memory()
 
     timer = threading.Timer(RETIRE_AFTER_S, close)
     timer.daemon = True

@@ -17,6 +17,7 @@ from agent.vision.backends.base import (
     ONNX_QUANTIZED_OPS,
     file_digest,
     parse_imgsz,
+    release_freed_memory,
     resolve_detect_head,
 )
 from agent.vision.backends.cuda_memory import open_device as open_cuda_device
@@ -79,6 +80,7 @@ __all__ = [
     "open_cuda_device",
     "open_source",
     "parse_imgsz",
+    "release_freed_memory",
     "resolve_classes",
     "resolve_detect_head",
     "resolve_engine_precision",
