@@ -8,8 +8,10 @@ asks the agent to check: download, self-test, hot swap, then probation with pair
 through both models), which commits or sends the build back. ``--hogs`` busy processes spin on the
 CPUs all the while (``benchmarks/cpu_hog.py``), as on a shared or overloaded device.
 
-Every round's outcome is printed; the goal (issue 24) is 0 false rollbacks in 20 rounds with two
-hogs. A postponed verdict counts as sent back here: the device ran the old model again.
+Every round's outcome is printed, with this process's RSS (each round loads a model and, once
+judged, lets one go: RSS that climbs round after round is a leak); the goal (issue 24) is 0 false
+rollbacks in 20 rounds with two hogs. A postponed verdict counts as sent back here: the device ran
+the old model again.
 
 Usage: python benchmarks/probation_real.py [--rounds 20] [--hogs 2] [--shared DIR]
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from common import ROOT, shared_dir_or_exit
 
 sys.path.insert(0, str(ROOT))
@@ -119,9 +123,11 @@ def main() -> int:
                 wait(lambda: agent.manager.state.probation is None, 900, "the verdict")
                 outcome = dict(agent.manager.state.last_outcome or {})
                 outcomes.append(outcome)
+                rss = psutil.Process(os.getpid()).memory_info().rss / 2**20
                 print(f"round {round_no:>2}: {version} {outcome.get('result')} "
                       f"{outcome.get('reason') or ''} "
-                      f"({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+                      f"({time.monotonic() - started:.0f} s, RSS {rss:.0f} MB)",
+                      flush=True)  # fmt: skip
                 active = agent.manager.state.active
                 if active is None or active.version != version:
                     # sent back: the next round is judged against the model that runs now

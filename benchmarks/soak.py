@@ -354,9 +354,11 @@ def judge(work: Path, samples, faults, code: int, got, minutes: float, context: 
             "fault": fault["fault"],
             "fds": [before["fds"], after["fds"]],
             "threads": [before["threads"], after["threads"]],
+            "rss_mb": [round(before["rss_mb"], 1), round(after["rss_mb"], 1)],
             "ok": after["fds"] <= before["fds"] + FD_MARGIN
             and after["threads"] <= before["threads"] + THREAD_MARGIN,
         })  # fmt: skip
+    (work / "samples.json").write_text(json.dumps(samples))  # for plots and second looks
     steady = samples[len(samples) // 5 :]
     hours = np.array([s["t"] for s in steady]) / 3600.0
     slope = float(np.polyfit(hours, [s["rss_mb"] for s in steady], 1)[0]) if len(steady) > 2 else 0
