@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from agent.fleet_screen import add_arguments as add_watch_arguments
 from agent.vision import DetectionParams, Preprocessor, detect_image, load_backend
 
 log = logging.getLogger("edge-agent")
+_RAN_AGENT = False  # set once `run` has started an agent: see entry()
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -78,7 +80,9 @@ def run_agent(
 ) -> int:
     from agent.runtime import Agent
 
+    global _RAN_AGENT
     agent = Agent(config, max_frames=max_frames, config_path=config_path)
+    _RAN_AGENT = True
     _install_stop_handlers(agent.stop)
     signal.signal(
         signal.SIGHUP, lambda *_: threading.Thread(target=agent.reload, name="reload").start()
@@ -627,5 +631,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``edge-agent`` command. After ``run`` it leaves without Python's finalization: a
+    daemon thread may still be blocked in native code (a camera read abandoned after a stall,
+    inside OpenCV), and finalization kills such a thread on its way out, which OpenCV's
+    catch-all turns into abort() (exit status -6 instead of the agent's own, seen in the soak).
+    The agent has shut down in order by then; logs and standard streams are flushed first."""
+    code = main()
+    if _RAN_AGENT:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

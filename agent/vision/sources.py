@@ -252,6 +252,7 @@ class LiveSource:
         self._last_frame = time.monotonic()
         self._next_id = 0
         self._id_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
         self._supervisor = threading.Thread(
             target=self._supervise, name="source-supervisor", daemon=True
         )
@@ -261,8 +262,14 @@ class LiveSource:
         return self._slot.take(timeout)
 
     def close(self) -> None:
+        """Stop, and give the current reader a moment to leave OpenCV: a thread still inside
+        ``capture.read()`` when Python finalizes is killed on its way out of it, and OpenCV's
+        catch-all turns that into abort() ("exception not rethrown", exit status -6)."""
         self._stop.set()
         self._supervisor.join(timeout=2.0)
+        reader = self._reader
+        if reader is not None:
+            reader.join(timeout=2.0)
 
     def _supervise(self) -> None:
         delays = backoff_delays(self._config.reconnect_initial_s, self._config.reconnect_max_s)
@@ -278,6 +285,7 @@ class LiveSource:
                 daemon=True,
             )
             self._last_frame = time.monotonic()
+            self._reader = reader
             reader.start()
             while not self._stop.is_set() and not ended.wait(0.05):
                 if time.monotonic() - self._last_frame > self._config.stall_timeout_s:
