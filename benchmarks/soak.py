@@ -242,6 +242,7 @@ def run(shared: Path, minutes: float, work: Path, faults_wanted: tuple[str, ...]
                     faults.append({"fault": name, "t": time.monotonic(), "before": samples[-1]})
                     inject(name, context)
             time.sleep(1.0)
+        verdicts_in(work, faults_wanted, timeout_s=300)  # a slow machine's last probation
         time.sleep(5)  # the last frames on their way
         telemetry = watcher.last_telemetry()
         agent.send_signal(signal.SIGTERM)
@@ -331,6 +332,29 @@ def rss_slopes(steady: list[dict], swaps: list[float], settle_s: float = 120.0,
     return slopes
 
 
+def verdicts_in(work: Path, wanted: tuple[str, ...], timeout_s: float) -> None:
+    """Wait until the updates the schedule published have their verdicts: on a loaded machine
+    the bad update's probation may still run when the schedule ends (a condition, not a time)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = agent_state(work)
+        if state.get("probation") is None and ("ota_rollback" not in wanted or bad_tried(state)):
+            return
+        time.sleep(1)
+
+
+def bad_tried(state: dict) -> bool:
+    """The bad update went live and came back: rejected, failed softly, or postponed (a paired
+    test that could not decide on an empty scene also sends the model back)."""
+    outcome = state.get("last_outcome") or {}
+    return (
+        BAD_UPDATE in state.get("rejected", {})
+        or BAD_UPDATE in state.get("soft_failures", {})
+        or (outcome.get("version") == BAD_UPDATE
+            and outcome.get("result") in ("rolled_back", "postponed"))
+    )  # fmt: skip
+
+
 def agent_state(work: Path) -> dict:
     path = work / "state" / "models" / "state.json"
     try:
@@ -386,10 +410,7 @@ def judge(work: Path, samples, faults, code: int, got, minutes: float, context: 
     dropped_by_disk = int(outbox.get("dropped_unwritten", 0))
     state = agent_state(work)
     committed = active_version(work) == UPDATE
-    bad_tried = state.get("rejected", {}).get(BAD_UPDATE) or state.get("soft_failures", {}).get(
-        BAD_UPDATE
-    )
-    bad_sent_back = bool(bad_tried) and active_version(work) != BAD_UPDATE
+    bad_sent_back = bad_tried(state) and active_version(work) != BAD_UPDATE
     stall_recovered = context["camera_connections"] > context.get(
         "camera_connections_before_stall", context["camera_connections"]
     )
