@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.demo_inputs import require_shared_dir
@@ -17,3 +19,12 @@ def shared_dir_or_exit(explicit: Path | None) -> Path:
     except LookupError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll_s: float = 0.1) -> None:
+    """Wait for a condition; past ``timeout`` seconds, exit naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll_s)

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, shared_dir_or_exit
+from common import ROOT, shared_dir_or_exit, wait_for
 
 sys.path.insert(0, str(ROOT))
 
@@ -46,14 +46,6 @@ class FrameClock:
 
     def close(self) -> None:
         pass
-
-
-def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def main() -> int:
@@ -103,7 +95,12 @@ def main() -> int:
             for round_no in range(1, args.rounds + 1):
                 version = f"1.{round_no}.0"
                 channel.publish(update, version, golden)
-                wait(lambda n=30 * round_no: len(clock.frames) >= n, 120, "steady frames")
+                wait_for(
+                    lambda n=30 * round_no: len(clock.frames) >= n,
+                    120,
+                    "steady frames",
+                    poll_s=0.02,
+                )
                 before = [t for _, _, t in clock.frames[-25:]]
                 median_interval = statistics.median(b - a for a, b in itertools.pairwise(before))
                 started = time.monotonic()
@@ -111,12 +108,22 @@ def main() -> int:
                 if not result.get("updated"):
                     raise SystemExit(f"round {round_no}: the update did not go live: {result}")
                 check_to_active = time.monotonic() - started
-                wait(lambda v=version: any(m == v for _, m, _ in clock.frames), 30, "a new frame")
+                wait_for(
+                    lambda v=version: any(m == v for _, m, _ in clock.frames),
+                    30,
+                    "a new frame",
+                    poll_s=0.02,
+                )
                 index = next(i for i, (_, m, _) in enumerate(clock.frames) if m == version)
                 (old_id, _, old_t), (new_id, _, new_t) = clock.frames[index - 1 : index + 1]
                 gap = new_t - old_t
                 rows.append((version, check_to_active, gap, median_interval, new_id - old_id))
-                wait(lambda: agent.manager.state.probation is None, 60, "probation to end")
+                wait_for(
+                    lambda: agent.manager.state.probation is None,
+                    60,
+                    "probation to end",
+                    poll_s=0.02,
+                )
                 outcome = (agent.manager.state.last_outcome or {}).get("result")
                 print(
                     f"round {round_no}: {version} check->active {check_to_active:.2f} s, "

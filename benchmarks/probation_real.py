@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import ROOT, shared_dir_or_exit
+from common import ROOT, shared_dir_or_exit, wait_for
 
 sys.path.insert(0, str(ROOT))
 
@@ -51,14 +51,6 @@ def new_build(model: Path, round_no: int, folder: Path) -> Path:
     out = folder / f"build-{round_no}.onnx"
     onnx.save(graph, str(out))
     return out
-
-
-def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 class Counter:
@@ -116,11 +108,11 @@ def main() -> int:
                 build = new_build(base, round_no, work)
                 version = f"1.{round_no}.0"
                 channel.publish(build, version, record_golden(build, images))
-                wait(lambda n=counter.frames + 20: counter.frames >= n, 300, "frames")
+                wait_for(lambda n=counter.frames + 20: counter.frames >= n, 300, "frames")
                 result = agent.manager.call("check", {"trigger": "benchmark"})
                 if not result.get("updated"):
                     raise SystemExit(f"round {round_no}: the build did not go live: {result}")
-                wait(lambda: agent.manager.state.probation is None, 900, "the verdict")
+                wait_for(lambda: agent.manager.state.probation is None, 900, "the verdict")
                 outcome = dict(agent.manager.state.last_outcome or {})
                 outcomes.append(outcome)
                 rss = psutil.Process(os.getpid()).memory_info().rss / 2**20
