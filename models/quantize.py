@@ -19,7 +19,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from agent.config import ModelConfig
 from agent.vision import file_digest, load_backend
+from models.activation_ranges import percentile_ranges
 from models.calibration import calibration_images, refuse_overlap, sample_frames, tensors
 from models.errors import FactoryError, ModelError
 from models.outputs import atomic_path, refuse_existing
@@ -42,7 +43,10 @@ REDUCE_RANGE = ("none", "first", "all")
 
 @dataclass(frozen=True)
 class QuantizeSettings:
-    method: str = "minmax"
+    # percentile: every activation's range clipped at ``percentile`` of all calibration values
+    # (models/activation_ranges.py); minmax: the extremes, which cost ~3 points on VOC
+    method: str = "percentile"
+    percentile: float = 99.999
     per_channel: bool = True
     activations: str = "int8"  # int8 = S8S8 (default); uint8 = U8S8 (x86-64 CPU execution provider)
     weights: str = "int8"
@@ -56,6 +60,10 @@ class QuantizeSettings:
         if self.method not in METHODS:
             raise FactoryError(
                 f"unknown calibration method {self.method!r} (choose {', '.join(METHODS)})"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise FactoryError(
+                f"the calibration percentile must be in (50, 100], not {self.percentile}"
             )
         if self.activations not in ("int8", "uint8"):
             raise FactoryError(f"activations must be int8 or uint8, not {self.activations!r}")
@@ -202,19 +210,23 @@ def first_conv_weights(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader over letterboxed images, with a progress bar.
+def _finite(images: Sequence[Path], imgsz: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Letterboxed calibration inputs; one that is not finite everywhere is refused with its
+    image's name: one NaN turns the calibrated ranges, and so the model, into garbage."""
+    for path, tensor in zip(images, tensors(images, imgsz), strict=True):
+        if not np.isfinite(tensor).all():
+            raise FactoryError(f"calibration input made from {path} is not finite (NaN or inf)")
+        yield tensor
 
-    ``batches`` yields (image path, tensor); a tensor that is not finite everywhere is refused
-    with the image's name: one NaN turns the calibrated ranges, and so the model, into garbage.
-    """
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader over input tensors, with a progress bar."""
 
     def __init__(
-        self, input_name: str, batches: Iterable[tuple[Path, np.ndarray]], total: int,
-        progress: bool,
-    ) -> None:  # fmt: skip
+        self, input_name: str, inputs: Iterable[np.ndarray], total: int, progress: bool
+    ) -> None:
         self._input_name = input_name
-        self._iterator = iter(batches)
+        self._iterator = iter(inputs)
         self._bar = None
         if progress:
             from tqdm import tqdm
@@ -222,14 +234,11 @@ class _Reader:
             self._bar = tqdm(total=total, desc="calibrating", unit="img")
 
     def get_next(self) -> dict[str, Any] | None:
-        item = next(self._iterator, None)
-        if item is None:
+        tensor = next(self._iterator, None)
+        if tensor is None:
             if self._bar is not None:
                 self._bar.close()
             return None
-        path, tensor = item
-        if not np.isfinite(tensor).all():
-            raise FactoryError(f"calibration input made from {path} is not finite (NaN or inf)")
         if self._bar is not None:
             self._bar.update(1)
         return {self._input_name: tensor}
@@ -303,17 +312,29 @@ def quantize(
         method = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
+            "percentile": CalibrationMethod.MinMax,  # then clipped by the overrides
         }[settings.method]
         activation_type = QuantType.QInt8 if settings.activations == "int8" else QuantType.QUInt8
         weight_type = QuantType.QInt8 if settings.weights == "int8" else QuantType.QUInt8
-        overrides = {}
-        if settings.reduce_range == "first":
+        overrides: dict[str, list[dict[str, Any]]] = {}
+        if settings.method == "percentile":
+            stage(f"activation ranges: {settings.percentile}th percentile of every value")
+            inputs = _finite(images, info.imgsz)
+            if progress:
+                from tqdm import tqdm
+
+                inputs = tqdm(inputs, total=len(images), desc="activation ranges", unit="img")
+            ranges = percentile_ranges(prepared, inputs, len(images), settings.percentile, excluded)
             overrides = {
-                name: [{"reduce_range": True}] for name in first_conv_weights(prepared_model)
+                name: [{"rmin": np.float32(low), "rmax": np.float32(high)}]
+                for name, (low, high) in ranges.items()
             }
-        batches = zip(images, tensors(images, info.imgsz), strict=True)
-        reader = _Reader(info.input_name, batches, len(images), progress)
+        if settings.reduce_range == "first":
+            overrides.update(
+                {name: [{"reduce_range": True}] for name in first_conv_weights(prepared_model)}
+            )
+        inputs = _finite(images, info.imgsz)
+        reader = _Reader(info.input_name, inputs, len(images), progress)
         with atomic_path(output) as partial:
             quantize_static(
                 str(prepared),

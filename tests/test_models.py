@@ -324,6 +324,77 @@ def test_quantize_on_many_real_frames_gives_finite_sane_scales(fp32_model, share
     assert 0.9 / 255 < float(scale) < 1.1 / 255  # the 0..1 input, as the letterbox makes it
 
 
+def test_percentile_tails_are_exact_however_the_frames_stream_in():
+    """The clipping point is the exact percentile of every value seen, not a sample's estimate."""
+    import numpy as np
+
+    from models.activation_ranges import _Tails
+
+    rng = np.random.default_rng(1)
+    for k in (1, 3, 50):
+        tails, seen = _Tails(k), []
+        for _ in range(20):
+            values = rng.standard_cauchy(1000).astype(np.float32)  # long tails, like SiLU maps
+            seen.append(values)
+            tails.add(values)
+        ordered = np.sort(np.concatenate(seen))
+        assert tails.bounds() == (float(ordered[k - 1]), float(ordered[-k]))
+        assert tails.low.size == k and tails.high.size == k
+
+
+def test_percentile_ranges_refuse_an_activation_that_is_not_finite():
+    import numpy as np
+
+    from models.activation_ranges import _Tails
+    from models.errors import FactoryError
+
+    tails = _Tails(2)
+    tails.add(np.arange(10, dtype=np.float32))
+    with pytest.raises(FactoryError, match="not finite"):
+        tails.add(np.array([1.0, np.nan, 3.0], np.float32))
+
+
+def test_quantize_clips_activation_ranges_at_the_percentile_of_real_frames(
+    fp32_model, shared, tmp_path
+):
+    """The default recipe's ranges end inside the extremes min-max keeps, and the written
+    model's activation scales are exactly those ranges (one INT8 step = range / 255)."""
+    from models.activation_ranges import percentile_ranges
+    from models.calibration import calibration_images, tensors
+    from models.quantize import QuantizeSettings, head_postprocess_nodes, quantize
+
+    frames = _voc_frames(shared, tmp_path / "frames", 12)
+    images = calibration_images(frames)
+    extremes = percentile_ranges(fp32_model, tensors(images, (640, 640)), len(images), 100.0)
+    clipped = percentile_ranges(fp32_model, tensors(images, (640, 640)), len(images), 99.9)
+    assert extremes.keys() == clipped.keys() and len(clipped) > 100
+    inside = [extremes[n][0] <= clipped[n][0] and clipped[n][1] <= extremes[n][1] for n in clipped]
+    narrower = [
+        clipped[n][1] - clipped[n][0] < 0.9 * (extremes[n][1] - extremes[n][0]) for n in clipped
+    ]
+    assert all(inside) and sum(narrower) > len(clipped) / 4
+
+    out = tmp_path / "int8.onnx"
+    summary = quantize(
+        fp32_model, frames, out, QuantizeSettings(percentile=99.9, activations="uint8"),
+        progress=False,
+    )  # fmt: skip
+    assert summary["method"] == "percentile" and summary["percentile"] == 99.9
+    model = onnx.load(str(out))
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    head = set(head_postprocess_nodes(model))
+    producer = {out: node.op_type for node in model.graph.node for out in node.output}
+    sharing = ("Split", "MaxPool")  # their outputs take their input's parameters, by design
+    checked = 0
+    for node in model.graph.node:
+        tensor = node.input[0] if node.op_type == "QuantizeLinear" else None
+        if tensor in clipped and node.name not in head and producer[tensor] not in sharing:
+            low, high = clipped[tensor]
+            assert float(scales[node.input[1]]) == pytest.approx((high - low) / 255, rel=1e-3)
+            checked += 1
+    assert checked > 50
+
+
 def test_quantize_refuses_non_finite_calibration_and_writes_nothing(
     fp32_model, calib, tmp_path, monkeypatch
 ):

@@ -18,6 +18,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     settings = recipe(
         target,
         method=args.method,
+        percentile=args.percentile,
         per_channel=args.per_channel,
         activations=args.activations,
         reduce_range=args.reduce_range,
@@ -43,7 +44,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     size_ratio = args.out.stat().st_size / args.model.stat().st_size
     print(
-        f"wrote {args.out} for {target} ({summary['scheme']} QDQ, {summary['method']}, "
+        f"wrote {args.out} for {target} ({summary['scheme']} QDQ, {summary['method']}"
+        f"{' ' + str(summary['percentile']) if summary['method'] == 'percentile' else ''}, "
         f"{'per-channel' if summary['per_channel'] else 'per-tensor'}, 7-bit weights: "
         f"{summary['reduce_range']}, {summary['calibration_images']} calibration images, "
         f"{size_ratio:.3f} x the source size)"
@@ -81,7 +83,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="the evaluation set: calibration images that are also in it are refused",
     )
     q.add_argument("--out", type=Path, required=True, help="INT8 ONNX to write (must not exist)")
-    q.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    q.add_argument(
+        "--method",
+        choices=["minmax", "entropy", "percentile"],
+        help="activation ranges: percentile (default: clipped at --percentile of every value "
+        "the frames produce), minmax (the extremes), entropy (ONNX Runtime's, slow)",
+    )
+    q.add_argument("--percentile", type=float, help="where percentile ranges clip (default 99.999)")
     q.add_argument(
         "--per-channel",
         action=argparse.BooleanOptionalAction,
