@@ -69,7 +69,7 @@ def optimize(
     ratio: float = 0.3,
     steps: int = 300,
     qat_steps: int = 100,
-    size: int = 320,
+    size: int = 640,
     rounds: int = 30,
     overwrite: bool = False,
     stages: int = 3,

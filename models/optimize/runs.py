@@ -22,7 +22,7 @@ from models.errors import FactoryError
 from models.optimize.checkpoint import Checkpoint
 from models.optimize.checks import check_ratio, check_schedule
 from models.optimize.distill import Recovery, distil, evaluate_loss
-from models.optimize.frames import content_hash, frame_paths, load_frames, refuse_overlap
+from models.optimize.frames import FrameSet, content_hash, frame_paths, refuse_overlap
 from models.optimize.torch_model import (
     Detector,
     count,
@@ -36,23 +36,23 @@ from models.outputs import refuse_existing
 @dataclass
 class Frames:
     paths: list[Path]
-    batch: Any  # [N, 3, S, S] float32
+    images: FrameSet  # read from disk as the steps need them
 
 
 def recovery_frames(folder: Path, data: Path | None, size: int) -> Frames:
-    """The frames to learn from, letterboxed at ``size``; none of them an evaluation image."""
+    """The frames to learn from, letterboxed at ``size`` when read; none an evaluation image."""
     paths = frame_paths(folder)
     if data is not None:
         from models.datasets import load_dataset
 
         refuse_overlap(paths, [sample.image for sample in load_dataset(data).samples])
-    return Frames(paths, load_frames(paths, (size, size)))
+    return Frames(paths, FrameSet(paths, size))
 
 
 @dataclass
 class Learning:
-    """What a training run learns from and where it trains: the frames, letterboxed once and
-    none an evaluation image, and the device. Each command prepares its own; the optimize chain
+    """What a training run learns from and where it trains: the frames, none an evaluation
+    image, and the device. Each command prepares its own; the optimize chain
     prepares one for all its runs (pass it as ``frames``)."""
 
     frames: Frames
@@ -93,7 +93,7 @@ def _trained(student: Detector, teacher: Detector, learn: Frames, steps: int, wh
     """``steps`` of distillation into ``student``, measured before and after on the same frames,
     resumed from and kept in ``checkpoint``; ``before_measuring(student)`` runs between the
     training and the last measurement."""
-    before = evaluate_loss(student, teacher, learn.batch[:4])
+    before = evaluate_loss(student, teacher, learn.images[:4])
     saved = checkpoint.resume() or {}
 
     def keep(state: Any, step: int) -> None:
@@ -104,7 +104,7 @@ def _trained(student: Detector, teacher: Detector, learn: Frames, steps: int, wh
                         resume=saved.get("recovery"), keep=keep)  # fmt: skip
     if before_measuring is not None:
         before_measuring(student)
-    after = evaluate_loss(student, teacher, learn.batch[:4])
+    after = evaluate_loss(student, teacher, learn.images[:4])
     return {"steps": steps, "loss": [round(before, 5), round(after, 5)],
             "seconds": round(done.seconds, 1), "curve": _curve(done.losses),
             **_facts(learn, size, device)}  # fmt: skip
@@ -144,7 +144,7 @@ def _recover(student: Detector, teacher: Detector, frames: Frames, steps: int, w
         bar.set_postfix(loss=f"{loss:.4f}")
 
     try:
-        return distil(student, teacher, frames.batch, steps, progress=progress, resume=resume,
+        return distil(student, teacher, frames.images, steps, progress=progress, resume=resume,
                       **options)  # fmt: skip
     finally:
         bar.close()
@@ -158,7 +158,7 @@ def prune_model(
     steps: int,
     round_to: int = 8,
     stages: int = 3,
-    size: int = 320,
+    size: int = 640,
     data: Path | None = None,
     overwrite: bool = False,
     lr: float = 1e-4,
@@ -184,8 +184,8 @@ def prune_model(
     saved = checkpoint.resume() or {}
     teacher = load_detector(model)
     student = copy.deepcopy(teacher)
-    probe = learn.batch[: min(4, len(learn.batch))]  # the loss is measured on these
-    statistics = learn.batch[:: max(1, len(learn.batch) // 32)][:32]  # importance, reconstruction
+    probe = learn.images[: min(4, len(learn.images))]  # the loss is measured on these
+    statistics = learn.images[:: max(1, len(learn.images) // 32)][:32]  # importance, reconstruction
     sensed = saved.get("sensitivity")
     if sensed is None:
         print(f"- sensitivity of each block at {ratio:.0%} on {len(probe)} frame(s)",
@@ -293,7 +293,7 @@ def distill_model(
     out: Path,
     frames: Path | Learning,
     steps: int,
-    size: int = 320,
+    size: int = 640,
     data: Path | None = None,
     overwrite: bool = False,
     lr: float = 1e-4,
@@ -339,7 +339,7 @@ def qat_model(
     frames: Path | Learning,
     steps: int,
     target: str,
-    size: int = 320,
+    size: int = 640,
     data: Path | None = None,
     overwrite: bool = False,
     lr: float = 1e-5,
@@ -363,7 +363,7 @@ def qat_model(
     learning = _learning(frames, data, size, device, out, overwrite)
     learn, where, size = learning.frames, learning.device, learning.size
     teacher = load_detector(model)
-    student, record = prepare(teacher, target, learn.batch[:32])
+    student, record = prepare(teacher, target, learn.images[:32])
     checkpoint = _checkpoint("qat", out, [model], learn, checkpoint_s, steps=steps, size=size,
                              lr=lr, target=target)  # fmt: skip
     record.update(_trained(student, teacher, learn, steps, "quantization-aware training", size,

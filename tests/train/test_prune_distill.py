@@ -116,6 +116,38 @@ def test_twenty_distillation_steps_lower_the_loss(teacher, frames):
     assert after < 0.8 * before, (before, after)
 
 
+def test_streamed_frames_read_as_the_agent_letterboxes_and_augment_within_the_frame(shared):
+    """Recovery reads frames from disk as it needs them (3,522 frames at 640 px would be 17 GB
+    in memory): indexing gives what load_frames gives, and the augmented crops stay valid
+    letterboxed inputs that differ from the plain frames."""
+    import random
+
+    from models.optimize.frames import FrameSet
+
+    paths = frame_paths(shared / "images")
+    streamed = FrameSet(paths, 320)
+    loaded = load_frames(paths, (320, 320))
+    assert len(streamed) == len(paths)
+    assert np.array_equal(streamed[:], loaded)
+    assert np.array_equal(streamed[[1, 0]], loaded[[1, 0]])
+    crops = streamed.augmented([0, 1, 0], random.Random(3))
+    assert crops.shape == (3, 3, 320, 320) and crops.dtype == np.float32
+    assert crops.min() >= 0.0 and crops.max() <= 1.0
+    assert not np.array_equal(crops[0], loaded[0]) and not np.array_equal(crops[0], crops[2])
+
+
+def test_distillation_streams_augmented_frames_and_lowers_the_loss(teacher, shared):
+    from models.optimize.frames import FrameSet
+
+    student = copy.deepcopy(teacher)
+    frames = FrameSet(frame_paths(shared / "images"), 320)
+    for _ in prune_groups(pruner_for(student, {}, 0.3, 8, 1), student, frames[:]):
+        pass
+    before = evaluate_loss(student, teacher, frames[:])
+    distil(student, teacher, frames, 20, batch=2)
+    assert evaluate_loss(student, teacher, frames[:]) < 0.8 * before
+
+
 def test_reconstruction_keeps_a_pruned_model_nearer_its_teacher(teacher, frames):
     """The consumers of removed channels take over what those carried (predicted from the
     channels that stay): the pruned model strays less from its teacher than without."""
@@ -152,11 +184,16 @@ def test_resumed_distillation_ends_where_an_uninterrupted_one_does(teacher, fram
     whole = distil(straight, teacher, frames, 6, batch=2)
     first, saved = copy.deepcopy(teacher), {}
 
+    class Killed(Exception):
+        pass
+
     def keep(state, step):
         if step == 3:
             saved.update(state())
+            raise Killed  # the same run, stopped half-way (its schedule spans all 6 steps)
 
-    distil(first, teacher, frames, 3, batch=2, keep=keep)
+    with pytest.raises(Killed):
+        distil(first, teacher, frames, 6, batch=2, keep=keep)
     resumed = copy.deepcopy(teacher)  # a fresh process: the weights come from the state
     rest = distil(resumed, teacher, frames, 6, batch=2, resume=saved)
     assert len(rest.losses) == 6
