@@ -36,7 +36,11 @@ def run_self_test(
     if golden.get("schema") != GOLDEN_SCHEMA or not golden.get("images"):
         return SelfTestResult(False, 0.0, ["golden set is missing or malformed"])
     settings = golden.get("params", {})
-    params = DetectionParams(settings.get("confidence", 0.25), settings.get("iou", 0.45))
+    # Searched below the recorded threshold by the score tolerance: a reference detection at 0.26
+    # that this device's kernels score 0.24 is the same object, not a missing one (with percentile
+    # ranges one such borderline box failed a good VNNI model's 8-detection test).
+    confidence = float(settings.get("confidence", 0.25))
+    params = DetectionParams(max(0.001, confidence - score_tolerance), settings.get("iou", 0.45))
     expected_total = matched = 0
     reasons: list[str] = []
     for entry in golden["images"]:
