@@ -1,6 +1,8 @@
 """The INT8 recipe for each target: the form its kernels run fast and compute right.
 
-Measured on coco8 (fp32 mAP50-95 0.696) on an AVX2-only x86 CPU (README, *INT8 per target*):
+Every recipe takes activation ranges at the 99.999th percentile of the calibration values (the
+``QuantizeSettings`` default; on voc2007-val about a point better than min-max). What differs per
+target (reasons first measured on coco8 on an AVX2-only x86 CPU; docs/performance.md):
 
 - ``cpu-x86_64`` (no VNNI): ONNX Runtime fuses QDQ into integer convolutions on x86 only for
   uint8 activations (U8S8); its AVX2 kernels multiply with ``vpmaddubsw``, whose 16-bit pair sums
