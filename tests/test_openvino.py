@@ -65,16 +65,20 @@ def test_openvino_finds_what_onnxruntime_finds(which, fp32_model, u8s8_model, im
         found = detect(ours, image, confidence=CONFIDENCE)
         assert found, "no detections"
         expected = detect(theirs, image, confidence=CONFIDENCE)
+        to_photo = max(image.shape[:2]) / max(ours.info.imgsz)
         if which == "fp32":  # the same float math: within 1 px of the 640x640 network input
-            to_photo = max(image.shape[:2]) / max(ours.info.imgsz)
             near = lambda a, b, px=to_photo: box_gap(a, b) <= px  # noqa: E731
             assert_same_detections(found, expected, near, 0.01)
         else:
             # Each runtime requantizes between its integer convolutions its own way, and both
             # stray from the QDQ graph's float meaning (on bus.jpg class scores move up to 0.15
-            # for ONNX Runtime, 0.12 for OpenVINO); measured between the two on this AVX2 CPU:
-            # scores within 0.021, one box edge 6 px apart at the network input (zidane).
-            assert_same_detections(found, expected, lambda a, b: iou(a.box, b.box) >= 0.9, 0.03)
+            # for ONNX Runtime, 0.12 for OpenVINO); measured between the two: scores within
+            # 0.021, box edges up to 6 px apart at the network input (zidane, AVX2 CPU). On an
+            # AVX-512 VNNI CPU: the bus's bottom edge 10 px apart (IoU 0.95), bus.jpg's edge-cut
+            # person 3 px (but 35 px wide: IoU 0.89). Same object: IoU >= 0.9 for a large box,
+            # every edge within 8 px for a thin one.
+            near = lambda a, b, px=8 * to_photo: iou(a.box, b.box) >= 0.9 or box_gap(a, b) <= px  # noqa: E731
+            assert_same_detections(found, expected, near, 0.03)
 
 
 def test_a_live_swap_between_runtimes_drops_no_frame(bus_video, fp32_model):
