@@ -106,19 +106,14 @@ def percentile_ranges(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
+    wanted = [o.name for o in session.get_outputs()]
+    share = (100.0 - percentile) / 100.0
     tails: dict[str, _Tails] = {}
     for tensor in inputs:
-        values = dict(
-            zip(
-                [o.name for o in session.get_outputs()],
-                session.run(None, {input_name: tensor}),
-                strict=True,
-            )
-        )
+        values = dict(zip(wanted, session.run(wanted, {input_name: tensor}), strict=True))
         for name in names:
             array = values[name]
             if name not in tails:
-                share = (100.0 - percentile) / 100.0
                 tails[name] = _Tails(max(1, math.ceil(share * array.size * count)))
             tails[name].add(array)
     ranges = {}
