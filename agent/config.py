@@ -40,6 +40,11 @@ class StrictModel(BaseModel):
 class SourceConfig(StrictModel):
     """Where frames come from and how a lost source is brought back."""
 
+    name: str = Field(
+        "main",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="The camera's name, in its object events.",
+    )
     uri: str = Field(
         "0",
         description="Video file, image folder, camera index or /dev/videoN, rtsp:// or http:// "
@@ -164,6 +169,64 @@ class DetectionConfig(StrictModel):
     classes: list[int | str] | None = Field(
         None, description="Keep only these classes (ids or names); None keeps all."
     )
+
+
+Point = tuple[float, float]
+
+
+class TrackingConfig(StrictModel):
+    """Multi-object tracking (ByteTrack) and the ``objects`` events made from its tracks."""
+
+    enabled: bool = False
+    high_score: float = Field(0.4, ge=0.0, le=1.0, description="Boxes matched to tracks first.")
+    low_score: float = Field(
+        0.1, ge=0.0, le=1.0, description="Weaker boxes down to this only extend existing tracks."
+    )
+    new_track_score: float = Field(0.5, ge=0.0, le=1.0, description="A new track starts here.")
+    match_iou: float = Field(0.2, gt=0.0, le=1.0)
+    low_match_iou: float = Field(0.5, gt=0.0, le=1.0)
+    confirm_hits: int = Field(2, ge=1, le=30, description="Frames in a row before an id.")
+    max_lost_s: float = Field(1.5, gt=0, description="Unmatched this long: the object ended.")
+    score_step: float = Field(
+        0.1, gt=0.0, le=1.0, description="An update event when the best score rises this much."
+    )
+    zone_frames: int = Field(
+        3, ge=1, le=100, description="Frames in a row inside (outside) before entered (left)."
+    )
+
+    @model_validator(mode="after")
+    def _scores_in_order(self) -> TrackingConfig:
+        if not self.low_score <= self.high_score <= self.new_track_score:
+            raise ValueError(
+                f"tracking needs low_score ({self.low_score:g}) <= high_score "
+                f"({self.high_score:g}) <= new_track_score ({self.new_track_score:g})"
+            )
+        return self
+
+
+def _inside_frame(points: list[Point]) -> list[Point]:
+    outside = [list(p) for p in points if not all(0.0 <= v <= 1.0 for v in p)]
+    if outside:
+        raise ValueError(f"points are fractions of the frame (0..1); outside it: {outside}")
+    return points
+
+
+class ZoneConfig(StrictModel):
+    """A polygon in fractions of the frame (0..1, y down); objects standing in it are in it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    polygon: list[Point] = Field(min_length=3, max_length=64)
+
+    _in_frame = field_validator("polygon")(_inside_frame)
+
+
+class LineConfig(StrictModel):
+    """A counting line from its first point to its second, in fractions of the frame."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    points: list[Point] = Field(min_length=2, max_length=2)
+
+    _in_frame = field_validator("points")(_inside_frame)
 
 
 class PipelineConfig(StrictModel):
@@ -468,6 +531,24 @@ class AgentConfig(StrictModel):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     ota: OtaConfig = Field(default_factory=OtaConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    zones: list[ZoneConfig] = Field(default_factory=list)
+    lines: list[LineConfig] = Field(default_factory=list)
+
+    @field_validator("zones", "lines")
+    @classmethod
+    def _unique_names(cls, items: list[Any]) -> list[Any]:
+        names = [item.name for item in items]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"names must be unique; repeated: {', '.join(repeated)}")
+        return items
+
+    @model_validator(mode="after")
+    def _scene_needs_tracking(self) -> AgentConfig:
+        if (self.zones or self.lines) and not self.tracking.enabled:
+            raise ValueError("zones and lines follow tracked objects: set tracking.enabled: true")
+        return self
 
     @model_validator(mode="after")
     def _link_stall_after_a_resend(self) -> AgentConfig:

@@ -32,6 +32,7 @@ from agent.vision import (
     ActiveModel,
     Backend,
     Pipeline,
+    Scene,
     build_sinks,
     on_engine_builds,
     open_source,
@@ -94,6 +95,7 @@ class Agent:
             config.pipeline,
             emit_empty=config.sinks.every_frame,
             max_frames=max_frames,
+            scene=Scene.from_config(config),
         )
         if self.link is not None:
             handlers = CommandHandlers(

@@ -16,6 +16,7 @@ BY_LEAF = {
     "telemetry": "telemetry",
     "events": "event",
     "model": "model",
+    "objects": "objects",
 }
 
 

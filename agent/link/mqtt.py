@@ -61,6 +61,10 @@ class Topics:
         return self.device("detections")
 
     @property
+    def objects(self) -> str:
+        return self.device("objects")
+
+    @property
     def telemetry(self) -> str:
         return self.device("telemetry")
 

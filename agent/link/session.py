@@ -20,7 +20,7 @@ from agent.link.events import Watched
 from agent.link.handlers import ModelControl
 from agent.link.home_assistant import home_assistant_configs
 from agent.link.messages import announce_spread, encode, model_state, status
-from agent.link.mqtt import MqttLink, Publisher
+from agent.link.mqtt import MqttLink, Publisher, Topics
 from agent.link.outbox import Outbox
 from agent.vision import BackendInfo, FrameResult
 
@@ -28,10 +28,14 @@ log = logging.getLogger(__name__)
 
 
 class MqttSink:
-    """Detections into the outbox; the publisher thread takes them from there."""
+    """Detections and object events into the outbox; the publisher thread takes them from there.
 
-    def __init__(self, outbox: Outbox, topic: str, qos: int, device_id: str, session: str) -> None:
-        self._outbox, self._topic, self._qos = outbox, topic, qos
+    Object events go at QoS 1 whatever detections use: a subscriber following a scene from
+    ``objects`` alone must not miss a ``new`` or an ``end``."""
+
+    def __init__(self, outbox: Outbox, topics: Topics, qos: int, device_id: str,
+                 session: str) -> None:  # fmt: skip
+        self._outbox, self._topics, self._qos = outbox, topics, qos
         self._device_id, self._session = device_id, session
 
     def emit(self, result: FrameResult) -> None:
@@ -41,7 +45,12 @@ class MqttSink:
         record["capture_to_publish_ms"] = round(
             (time.monotonic() - result.frame.captured) * 1000, 3
         )
-        self._outbox.submit(self._topic, encode(record), self._qos)
+        self._outbox.submit(self._topics.detections, encode(record), self._qos)
+
+    def emit_objects(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            record = {**event, "device_id": self._device_id, "session": self._session}
+            self._outbox.submit(self._topics.objects, encode(record), 1)
 
     def close(self) -> None:
         pass
@@ -81,7 +90,7 @@ class Link:
         self.publisher = Publisher(self.outbox, self.mqtt, mqtt.inflight, mqtt.ack_timeout_s)
         self.topics = self.mqtt.topics
         self.sink = MqttSink(
-            self.outbox, self.topics.detections, mqtt.qos_detections, config.device_id, session
+            self.outbox, self.topics, mqtt.qos_detections, config.device_id, session
         )
 
     @property

@@ -52,6 +52,7 @@ class Telemetry:
             "latency_ms": snap["latency_ms"],
             "inference_ms": snap["latency_ms"]["inference"]["p50"],
             "source": {"name": source.name, **source.stats.as_dict()},
+            **({"scene": self.pipeline.scene.summary()} if self.pipeline.scene else {}),
             **self.probes.read(),
             **(link_counters or {}),
         }

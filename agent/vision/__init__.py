@@ -36,15 +36,18 @@ from agent.vision.postprocess import (
 )
 from agent.vision.preprocess import Letterbox, Preprocessor
 from agent.vision.result import DETECTIONS, FrameResult
+from agent.vision.scene import OBJECT, Line, Scene, Zone
 from agent.vision.sinks import Sink, StdoutSink, build_sinks
 from agent.vision.sources import IMAGE_SUFFIXES, Frame, FrameSource, open_source
 from agent.vision.split_head import STRIDES, merge_split_head, npu_input
 from agent.vision.stats import ModelStats, PipelineStats
+from agent.vision.tracking import Tracker, TrackerSettings
 
 __all__ = [
     "BACKEND_MODULES",
     "DETECTIONS",
     "IMAGE_SUFFIXES",
+    "OBJECT",
     "ONNX_QUANTIZED_OPS",
     "STRIDES",
     "ActiveModel",
@@ -56,14 +59,19 @@ __all__ = [
     "FrameResult",
     "FrameSource",
     "Letterbox",
+    "Line",
     "ModelStats",
     "PairedFrame",
     "Pipeline",
     "PipelineStats",
     "Preprocessor",
+    "Scene",
     "Shadow",
     "Sink",
     "StdoutSink",
+    "Tracker",
+    "TrackerSettings",
+    "Zone",
     "annotate",
     "available_backends",
     "box_iou",

@@ -10,6 +10,7 @@ through inference and postprocess, so a model swap falls cleanly between two fra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -28,6 +29,7 @@ from agent.vision.backends.base import Backend
 from agent.vision.postprocess import Detection, DetectionParams, decode
 from agent.vision.preprocess import Letterbox, Preprocessor
 from agent.vision.result import FrameResult
+from agent.vision.scene import Scene
 from agent.vision.sinks import Sink
 from agent.vision.sources import Frame, FrameSource
 from agent.vision.stats import PipelineStats
@@ -142,8 +144,13 @@ class Pipeline:
         config: PipelineConfig,
         emit_empty: bool = False,
         max_frames: int | None = None,
+        scene: Scene | None = None,
     ) -> None:
+        """``scene``: the camera's tracker, zones and lines; with one, boxes are decoded down
+        to its low score (they extend tracks) and only those at ``detection.confidence`` or
+        more reach the sinks, with their track ids, next to the object events."""
         self.source = source
+        self.scene = scene
         self.model = model
         self.sinks = list(sinks)
         self.config = config
@@ -421,11 +428,15 @@ class Pipeline:
         except Exception as exc:  # the comparison must never cost the frame
             log.warning("probation pair dropped: %r", exc)
 
-    def _params_for(self, model: Backend) -> DetectionParams:
-        key = id(model.info)
+    def _params_for(self, model: Backend, tracking: bool = False) -> DetectionParams:
+        """The model's decode thresholds; ``tracking``: down to the tracker's low score."""
+        key = (id(model.info), tracking)
         params = self._params_cache.get(key)
         if params is None:
             params = DetectionParams.from_config(self._detection, model.info.class_names)
+            if tracking and self.scene is not None:
+                low = self.scene.tracker.settings.low_score
+                params = dataclasses.replace(params, confidence=min(params.confidence, low))
             self._params_cache[key] = params
         return params
 
@@ -433,8 +444,27 @@ class Pipeline:
         try:
             while (job := self._to_postprocess.get()) is not _END:
                 self._finish(job)
+            if self.scene is not None and self.last_result is not None:
+                # the camera ends: every object still followed ends with it
+                last = self.last_result
+                self._emit(FrameResult(last.frame, last.model, [], {}, self.scene.close()),
+                           detections=False)  # fmt: skip
         finally:
             self._done.set()
+
+    def _emit(self, result: FrameResult, detections: bool = True) -> None:
+        """Detections to every sink (empty frames only when asked), then object events to the
+        sinks that take them; a failing sink is counted and never stops the others."""
+        for sink in self.sinks:
+            try:
+                if detections and (result.detections or self.emit_empty):
+                    sink.emit(result)
+                emit_objects = getattr(sink, "emit_objects", None)
+                if result.objects and emit_objects is not None:
+                    emit_objects(result.objects)
+            except Exception as exc:
+                log.warning("sink %s failed: %s", type(sink).__name__, exc)
+                self.stats.count("errors")
 
     def _finish(self, job: Job) -> None:
         self.busy_since["postprocess"] = time.monotonic()
@@ -445,10 +475,14 @@ class Pipeline:
 
     def _finish_job(self, job: Job) -> None:
         started = time.perf_counter()
+        tracking = self.scene is not None
         try:
-            detections = decode(
-                job.output, job.letterbox, self._params_for(job.model), job.model.info.class_names
-            )
+            detections = decode(job.output, job.letterbox, self._params_for(job.model, tracking),
+                                job.model.info.class_names)  # fmt: skip
+            objects: list[dict[str, Any]] = []
+            if self.scene is not None:
+                seen = self.scene.observe(job.frame, detections, self._detection.confidence)
+                detections, objects = seen.detections, seen.events
         except Exception as exc:  # a model whose outputs cannot be decoded: counted per frame,
             # and the watchdog's output check escalates (reload, previous model) if it persists
             log.warning("postprocess failed on frame %d: %r", job.frame.frame_id, exc)
@@ -461,15 +495,10 @@ class Pipeline:
         job.latency_ms["postprocess"] = post_ms
         total_ms = (time.monotonic() - job.frame.captured) * 1000
         job.latency_ms["total"] = total_ms
-        result = FrameResult(job.frame, job.model.info, detections, job.latency_ms)
+        result = FrameResult(job.frame, job.model.info, detections, job.latency_ms, objects)
         self.last_result = result
         sink_started = time.perf_counter()
-        for sink in self.sinks if (detections or self.emit_empty) else ():
-            try:
-                sink.emit(result)
-            except Exception as exc:
-                log.warning("sink %s failed: %s", type(sink).__name__, exc)
-                self.stats.count("errors")
+        self._emit(result)
         self.stats.latency["sink"].add((time.perf_counter() - sink_started) * 1000)
         self.stats.latency["total"].add(total_ms)
         late = total_ms > self.config.deadline_ms

@@ -22,14 +22,18 @@ class Detection:
     label: str
     score: float
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in source pixels
+    track_id: int | None = None  # the object it belongs to, when tracking follows it
 
     def to_dict(self) -> dict:
-        return {
+        record = {
             "label": self.label,
             "class_id": self.class_id,
             "score": round(self.score, 4),
             "box": [round(v, 1) for v in self.box],
         }
+        if self.track_id is not None:
+            record["track_id"] = self.track_id
+        return record
 
 
 @dataclass(frozen=True, slots=True)

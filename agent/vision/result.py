@@ -22,6 +22,7 @@ class FrameResult:
     model: BackendInfo
     detections: list[Detection]
     latency_ms: dict[str, float] = field(default_factory=dict)
+    objects: list[dict[str, Any]] = field(default_factory=list)  # object events (tracking on)
 
     def to_dict(self) -> dict[str, Any]:
         height, width = self.frame.image.shape[:2]

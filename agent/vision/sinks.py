@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
+    """A sink may also take object events (tracking on): ``emit_objects(events)``."""
+
     def emit(self, result: FrameResult) -> None: ...
 
     def close(self) -> None: ...
@@ -44,6 +46,17 @@ class StdoutSink:
             )
         print(line, file=self._stream, flush=True)
 
+    def emit_objects(self, events: list[dict]) -> None:
+        for event in events:
+            if self._fmt == "json":
+                line = json.dumps(event, separators=(",", ":"))
+            else:
+                zones = f"  in {', '.join(event['zones'])}" if event["zones"] else ""
+                changes = f"  ({', '.join(event['changes'])})" if event["changes"] else ""
+                line = (f"object {event['event']:<6} {event['label']} #{event['track_id']} "
+                        f"{event['best_score']:.2f}{zones}{changes}")  # fmt: skip
+            print(line, file=self._stream, flush=True)
+
     def close(self) -> None:
         self._stream.flush()
 
@@ -57,6 +70,11 @@ class JsonlSink:
 
     def emit(self, result: FrameResult) -> None:
         self._handle.write(json.dumps(result.to_dict(), separators=(",", ":")) + "\n")
+
+    def emit_objects(self, events: list[dict]) -> None:
+        """Object events between the frames, told apart by their ``schema``."""
+        for event in events:
+            self._handle.write(json.dumps(event, separators=(",", ":")) + "\n")
 
     def close(self) -> None:
         self._handle.close()
