@@ -204,6 +204,20 @@ class TrackingConfig(StrictModel):
         return self
 
 
+class MotionConfig(StrictModel):
+    """Motion gating: the detector runs on frames where something moves, while the scene is
+    busy (tracking on), and at least every ``keepalive_s``; the other frames are skipped."""
+
+    enabled: bool = False
+    width: int = Field(160, ge=16, le=1920, description="Width of the grey copy compared.")
+    threshold: int = Field(25, ge=1, le=255, description="Grey-level change of a moved pixel.")
+    min_area: float = Field(
+        0.002, gt=0.0, le=1.0, description="Fraction of moved pixels that makes a frame move."
+    )
+    keepalive_s: float = Field(1.0, gt=0, description="The detector runs at least this often.")
+    adapt: float = Field(0.05, gt=0.0, le=1.0, description="Background learning rate per frame.")
+
+
 def _inside_frame(points: list[Point]) -> list[Point]:
     outside = [list(p) for p in points if not all(0.0 <= v <= 1.0 for v in p)]
     if outside:
@@ -534,6 +548,7 @@ class AgentConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     zones: list[ZoneConfig] = Field(default_factory=list)
     lines: list[LineConfig] = Field(default_factory=list)
+    motion: MotionConfig = Field(default_factory=MotionConfig)
 
     @field_validator("zones", "lines")
     @classmethod
@@ -548,6 +563,29 @@ class AgentConfig(StrictModel):
     def _scene_needs_tracking(self) -> AgentConfig:
         if (self.zones or self.lines) and not self.tracking.enabled:
             raise ValueError("zones and lines follow tracked objects: set tracking.enabled: true")
+        return self
+
+    @model_validator(mode="after")
+    def _keepalive_within_the_limits(self) -> AgentConfig:
+        motion, problems = self.motion, []
+        if (
+            motion.enabled
+            and self.tracking.enabled
+            and motion.keepalive_s >= self.tracking.max_lost_s
+        ):
+            problems.append(
+                f"motion.keepalive_s ({motion.keepalive_s:g}) must be below "
+                f"tracking.max_lost_s ({self.tracking.max_lost_s:g}): objects standing still "
+                "would end between two detections"
+            )
+        stall = self.watchdog.source_stall_s or self.source.stall_timeout_s
+        if motion.enabled and motion.keepalive_s >= stall:
+            problems.append(
+                f"motion.keepalive_s ({motion.keepalive_s:g}) must be below the watchdog's "
+                f"stall time ({stall:g} s): a still scene would look like a stalled pipeline"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")

@@ -31,6 +31,7 @@ from agent.updates import ModelManager
 from agent.vision import (
     ActiveModel,
     Backend,
+    MotionGate,
     Pipeline,
     Scene,
     build_sinks,
@@ -96,6 +97,7 @@ class Agent:
             emit_empty=config.sinks.every_frame,
             max_frames=max_frames,
             scene=Scene.from_config(config),
+            gate=MotionGate.from_config(config.motion),
         )
         if self.link is not None:
             handlers = CommandHandlers(

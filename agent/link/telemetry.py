@@ -14,6 +14,8 @@ from agent.link.messages import TELEMETRY, model_ref
 from agent.link.probes import SystemProbes
 from agent.vision import Backend, Pipeline
 
+FRAME_COUNTERS = ("frames_in", "frames_out", "dropped", "late", "errors", "skipped")
+
 
 class Telemetry:
     def __init__(
@@ -47,7 +49,8 @@ class Telemetry:
             "fps_in": round((snap["frames_in"] - last_in) / span, 2),
             "fps_out": round((snap["frames_out"] - last_out) / span, 2),
             "frames": {
-                k: snap[k] for k in ("frames_in", "frames_out", "dropped", "late", "errors")
+                k: snap[k]
+                for k in ("frames_in", "frames_out", "dropped", "late", "errors", "skipped")
             },
             "latency_ms": snap["latency_ms"],
             "inference_ms": snap["latency_ms"]["inference"]["p50"],

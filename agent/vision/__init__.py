@@ -25,6 +25,7 @@ from agent.vision.backends.engine_cache import gpu_slug
 from agent.vision.backends.engine_cache import local_environment as local_engine_environment
 from agent.vision.backends.engine_cache import resolve_precision as resolve_engine_precision
 from agent.vision.backends.engine_cache import subscribe as on_engine_builds
+from agent.vision.motion import MotionGate, MotionSettings
 from agent.vision.pipeline import ActiveModel, PairedFrame, Pipeline, Shadow
 from agent.vision.postprocess import (
     Detection,
@@ -61,6 +62,8 @@ __all__ = [
     "Letterbox",
     "Line",
     "ModelStats",
+    "MotionGate",
+    "MotionSettings",
     "PairedFrame",
     "Pipeline",
     "PipelineStats",

@@ -26,6 +26,7 @@ import numpy as np
 from agent.config import DetectionConfig, PipelineConfig
 from agent.contract.errors import SourceError
 from agent.vision.backends.base import Backend
+from agent.vision.motion import MotionGate
 from agent.vision.postprocess import Detection, DetectionParams, decode
 from agent.vision.preprocess import Letterbox, Preprocessor
 from agent.vision.result import FrameResult
@@ -145,12 +146,14 @@ class Pipeline:
         emit_empty: bool = False,
         max_frames: int | None = None,
         scene: Scene | None = None,
+        gate: MotionGate | None = None,
     ) -> None:
         """``scene``: the camera's tracker, zones and lines; with one, boxes are decoded down
         to its low score (they extend tracks) and only those at ``detection.confidence`` or
-        more reach the sinks, with their track ids, next to the object events."""
+        more reach the sinks, with their track ids, next to the object events. ``gate``: motion
+        gating, which lets a frame on to the detector only when it needs it."""
         self.source = source
-        self.scene = scene
+        self.scene, self.gate = scene, gate
         self.model = model
         self.sinks = list(sinks)
         self.config = config
@@ -270,7 +273,7 @@ class Pipeline:
         fps = snap["fps_out"]
         return (f"fps {fps:.1f} " if fps else "fps - ") + (
             f"in {snap['frames_in']} out {snap['frames_out']} dropped {snap['dropped']} "
-            f"late {snap['late']} errors {snap['errors']} | p50 ms: "
+            f"late {snap['late']} errors {snap['errors']} skipped {snap['skipped']} | p50 ms: "
             + " ".join(f"{k} {v['p50']}" for k, v in lat.items())
         )
 
@@ -337,6 +340,9 @@ class Pipeline:
 
     def _preprocess_loop(self) -> None:
         while (frame := self._to_preprocess.get()) is not _END:
+            if self.gate is not None and not self._needs_detector(frame):
+                self.stats.mark_skipped(time.monotonic())
+                continue
             model = self.model()
             pre = self._preprocessor_for(model)
             started = time.perf_counter()
@@ -357,6 +363,11 @@ class Pipeline:
             elif self._to_infer.put_latest(job) is not None:
                 self.stats.count("dropped")  # a newer frame is ready: latency beats backlog
         self._to_infer.put(_END)
+
+    def _needs_detector(self, frame: Frame) -> bool:
+        assert self.gate is not None
+        busy = self.scene is not None and self.scene.busy()
+        return self.gate.admit(frame.image, frame.captured, busy)
 
     def _inference_loop(self, generation: int = 0) -> None:
         while (job := self._to_infer.get()) is not _END:

@@ -184,6 +184,12 @@ class Scene:
         with self._lock:
             return [self._end(track) for track in self.tracker.end_all()]
 
+    def busy(self) -> bool:
+        """Does the detector need every frame now? While an object awaits confirmation, is
+        lost for now (it may come back) or moves; not for objects standing still."""
+        with self._lock:
+            return any(not t.confirmed or t.hits == 0 or t.moving for t in self.tracker.tracks)
+
     def summary(self) -> dict[str, Any]:
         """For telemetry: objects followed now, events sent, zone occupancy, line counts."""
         with self._lock:

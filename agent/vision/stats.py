@@ -74,10 +74,12 @@ class PipelineStats:
         self.dropped = 0
         self.late = 0
         self.errors = 0
+        self.skipped = 0  # motion gating: frames that did not need the detector
         self.inference_failures = 0  # current streak of failed inferences
         self.first_in: float | None = None
         self.first_out: float | None = None
         self.last_out: float | None = None
+        self.first_handled: float | None = None  # the first frame out or skipped
         self._recent_in: deque[float] = deque(maxlen=4096)  # monotonic times of recent input
         self._recent_out: deque[float] = deque(maxlen=4096)  # ... and of recent output
         self._window = window
@@ -116,16 +118,26 @@ class PipelineStats:
             self.frames_out += 1
             if self.first_out is None:
                 self.first_out = now
+            self.first_handled = self.first_handled or now
             self.last_out = now
             self._recent_out.append(now)
 
+    def mark_skipped(self, now: float) -> None:
+        """A frame motion gating judged still: handled (the watchdog's rate counts it, so a
+        quiet scene is not a slow device), but it never reaches the sinks."""
+        with self._lock:
+            self.skipped += 1
+            self.first_handled = self.first_handled or now
+            self._recent_out.append(now)
+
     def recent_fps(self, now: float, window_s: float, side: str = "out") -> float | None:
-        """Frames out (or ``side="in"``: taken from the source) per second over the last
+        """Frames handled (out, or skipped by motion gating; ``side="in"``: taken from the
+        source) per second over the last
         ``window_s`` (or since the first one): unlike the run's average, this falls to 0 when the
         frames stop, which is what a watchdog must see."""
         with self._lock:
             first, times = (
-                (self.first_out, self._recent_out)
+                (self.first_handled, self._recent_out)
                 if side == "out"
                 else (self.first_in, self._recent_in)
             )
@@ -153,6 +165,7 @@ class PipelineStats:
                 "dropped": self.dropped,
                 "late": self.late,
                 "errors": self.errors,
+                "skipped": self.skipped,
             }
         return {
             **counters,

@@ -124,6 +124,12 @@ class Track:
     def box(self) -> tuple[float, float, float, float]:
         return self.detection.box
 
+    @property
+    def moving(self) -> bool:
+        """Its filtered speed is over 1 % of its height per frame (a parked car is not)."""
+        vx, vy = self.kalman.mean[4:6]
+        return bool(np.hypot(vx, vy) > 0.01 * max(self.kalman.mean[3], 1e-3))
+
     def _vote(self, detection: Detection) -> None:
         self.class_votes[detection.class_id] = (
             self.class_votes.get(detection.class_id, 0.0) + detection.score
