@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,6 +194,9 @@ class TrackingConfig(StrictModel):
     zone_frames: int = Field(
         3, ge=1, le=100, description="Frames in a row inside (outside) before entered (left)."
     )
+    snapshots: bool = Field(
+        False, description="new and end events carry a JPEG of the object's best-scoring box."
+    )
 
     @model_validator(mode="after")
     def _scores_in_order(self) -> TrackingConfig:
@@ -218,6 +222,14 @@ class MotionConfig(StrictModel):
     adapt: float = Field(0.05, gt=0.0, le=1.0, description="Background learning rate per frame.")
 
 
+def _unique_names(items: list[Any]) -> list[Any]:
+    names = [item.name for item in items]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"names must be unique; repeated: {', '.join(repeated)}")
+    return items
+
+
 def _inside_frame(points: list[Point]) -> list[Point]:
     outside = [list(p) for p in points if not all(0.0 <= v <= 1.0 for v in p)]
     if outside:
@@ -241,6 +253,38 @@ class LineConfig(StrictModel):
     points: list[Point] = Field(min_length=2, max_length=2)
 
     _in_frame = field_validator("points")(_inside_frame)
+
+
+# topic leaves a camera's name must not shadow: {prefix}/{device}/{camera}/... sits beside them
+RESERVED_CAMERA_NAMES = {"status", "detections", "objects", "telemetry", "events", "model", "cmd"}
+
+
+class CameraConfig(SourceConfig):
+    """One of several cameras: a source (every ``source`` option) with its own name and,
+    where given, its own thresholds, tracking, zones, lines and motion gating (otherwise the
+    top-level sections apply)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Its topics' level.")
+    detection: DetectionConfig | None = None
+    tracking: TrackingConfig | None = None
+    zones: list[ZoneConfig] | None = None
+    lines: list[LineConfig] | None = None
+    motion: MotionConfig | None = None
+
+    _unique_zone_names = field_validator("zones", "lines")(lambda items: _unique_names(items))
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A camera as the agent runs it: its source and the settings that apply to it."""
+
+    name: str
+    source: SourceConfig
+    detection: DetectionConfig
+    tracking: TrackingConfig
+    zones: list[ZoneConfig]
+    lines: list[LineConfig]
+    motion: MotionConfig
 
 
 class PipelineConfig(StrictModel):
@@ -550,43 +594,76 @@ class AgentConfig(StrictModel):
     lines: list[LineConfig] = Field(default_factory=list)
     motion: MotionConfig = Field(default_factory=MotionConfig)
 
-    @field_validator("zones", "lines")
+    cameras: list[CameraConfig] = Field(
+        default_factory=list,
+        description="Several cameras sharing the one model; without it, ``source`` is the one.",
+    )
+
+    _unique_zone_names = field_validator("zones", "lines")(lambda items: _unique_names(items))
+
+    @field_validator("cameras")
     @classmethod
-    def _unique_names(cls, items: list[Any]) -> list[Any]:
-        names = [item.name for item in items]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"names must be unique; repeated: {', '.join(repeated)}")
-        return items
+    def _camera_names(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
+        problems = camera_name_problems([{"name": c.name} for c in cameras])
+        if problems:
+            raise ValueError(problems)
+        return cameras
 
     @model_validator(mode="after")
-    def _scene_needs_tracking(self) -> AgentConfig:
-        if (self.zones or self.lines) and not self.tracking.enabled:
-            raise ValueError("zones and lines follow tracked objects: set tracking.enabled: true")
+    def _one_way_to_name_sources(self) -> AgentConfig:
+        if self.cameras and "source" in self.model_fields_set:
+            raise ValueError("give either source (one camera) or cameras (several), not both")
         return self
 
     @model_validator(mode="after")
-    def _keepalive_within_the_limits(self) -> AgentConfig:
-        motion, problems = self.motion, []
-        if (
-            motion.enabled
-            and self.tracking.enabled
-            and motion.keepalive_s >= self.tracking.max_lost_s
-        ):
-            problems.append(
-                f"motion.keepalive_s ({motion.keepalive_s:g}) must be below "
-                f"tracking.max_lost_s ({self.tracking.max_lost_s:g}): objects standing still "
-                "would end between two detections"
-            )
-        stall = self.watchdog.source_stall_s or self.source.stall_timeout_s
-        if motion.enabled and motion.keepalive_s >= stall:
-            problems.append(
-                f"motion.keepalive_s ({motion.keepalive_s:g}) must be below the watchdog's "
-                f"stall time ({stall:g} s): a still scene would look like a stalled pipeline"
-            )
+    def _cameras_make_sense(self) -> AgentConfig:
+        problems = []
+        for camera, where in zip(self.camera_list(), self._camera_places(), strict=True):
+            if (camera.zones or camera.lines) and not camera.tracking.enabled:
+                problems.append(
+                    f"{where}zones and lines follow tracked objects: set tracking.enabled: true"
+                )
+            motion, tracking = camera.motion, camera.tracking
+            if motion.enabled and tracking.enabled and motion.keepalive_s >= tracking.max_lost_s:
+                problems.append(
+                    f"{where}motion.keepalive_s ({motion.keepalive_s:g}) must be below "
+                    f"tracking.max_lost_s ({tracking.max_lost_s:g}): objects standing still "
+                    "would end between two detections"
+                )
+            stall = self.watchdog.source_stall_s or camera.source.stall_timeout_s
+            if motion.enabled and motion.keepalive_s >= stall:
+                problems.append(
+                    f"{where}motion.keepalive_s ({motion.keepalive_s:g}) must be below the "
+                    f"watchdog's stall time ({stall:g} s): a still scene would look like a "
+                    "stalled pipeline"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _camera_places(self) -> list[str]:
+        if not self.cameras:
+            return [""]
+        return [f"cameras.{i} ({c.name}): " for i, c in enumerate(self.cameras)]
+
+    def camera_list(self) -> list[Camera]:
+        """Every camera with the settings that apply to it: ``cameras``, or ``source`` as one."""
+        if not self.cameras:
+            return [Camera(self.source.name, self.source, self.detection, self.tracking,
+                           self.zones, self.lines, self.motion)]  # fmt: skip
+        own = set(CameraConfig.model_fields) - set(SourceConfig.model_fields)
+        return [
+            Camera(
+                c.name,
+                SourceConfig.model_validate(c.model_dump(exclude=own)),
+                c.detection or self.detection,
+                c.tracking or self.tracking,
+                self.zones if c.zones is None else c.zones,
+                self.lines if c.lines is None else c.lines,
+                c.motion or self.motion,
+            )
+            for c in self.cameras
+        ]
 
     @model_validator(mode="after")
     def _link_stall_after_a_resend(self) -> AgentConfig:
@@ -669,7 +746,28 @@ def build_config(data: Mapping[str, Any], origin: str = "settings") -> AgentConf
     try:
         return AgentConfig.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, origin)) from None
+        message = describe_validation_error(exc, origin)
+        # a bad field inside one camera hides the checks across them (pydantic validates the
+        # list only once its items pass): name those problems too, from the raw data
+        names = camera_name_problems(data.get("cameras"))
+        if names and names not in message:
+            message += f"\n  - cameras: {names}"
+        raise ConfigError(message) from None
+
+
+def camera_name_problems(raw: Any) -> str:
+    """Repeated or reserved camera names in a raw ``cameras`` list ('' when none)."""
+    if not isinstance(raw, list):
+        return ""
+    names = [c.get("name") for c in raw if isinstance(c, dict) and isinstance(c.get("name"), str)]
+    problems = []
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        problems.append(f"names must be unique; repeated: {', '.join(repeated)}")
+    reserved = sorted(set(names) & RESERVED_CAMERA_NAMES)
+    if reserved:
+        problems.append(f"camera names {reserved} would shadow the device's own topics")
+    return "; ".join(problems)
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
@@ -694,12 +792,19 @@ def apply_live(current: AgentConfig, fresh: AgentConfig) -> tuple[AgentConfig, l
     def only_telemetry_changed(old: MqttConfig, new: MqttConfig) -> bool:
         return old.model_copy(update={"telemetry_interval_s": new.telemetry_interval_s}) == new
 
+    def without_thresholds(cameras: list[CameraConfig]) -> list[dict[str, Any]]:
+        return [camera.model_dump(exclude={"detection"}) for camera in cameras]
+
+    sections = ("model", "source", "mqtt", "outbox", "state_dir", "device_id", "tracking",
+                "zones", "lines", "motion")  # fmt: skip
     needs_restart = [
         name
-        for name in ("model", "source", "mqtt", "outbox", "state_dir", "device_id")
+        for name in sections
         if getattr(fresh, name) != getattr(current, name)
         and not (name == "mqtt" and only_telemetry_changed(current.mqtt, fresh.mqtt))
     ]
+    if without_thresholds(fresh.cameras) != without_thresholds(current.cameras):
+        needs_restart.append("cameras")
     mqtt = current.mqtt.model_copy(update={"telemetry_interval_s": fresh.mqtt.telemetry_interval_s})
     applied = current.model_copy(
         update={"detection": fresh.detection, "sinks": fresh.sinks, "mqtt": mqtt}

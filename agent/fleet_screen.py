@@ -52,6 +52,7 @@ def render(snapshot: dict[str, Any]) -> Any:
         "temp",
         "gpu/npu%",
         "outbox",
+        "cameras",
         "last detections",
     ):
         keep_whole = column in ("device", "state")  # never folded: the row must stay findable
@@ -63,6 +64,10 @@ def render(snapshot: dict[str, Any]) -> Any:
         model = f"{row['model'] or '?'} {row['version'] or ''} {row['precision'] or ''}".strip()
         accelerator = row["gpu_percent"] if row["gpu_percent"] is not None else row["npu_percent"]
         labels = ", ".join(f"{n} {label}" for label, n in sorted(row["last_detections"].items()))
+        cameras = ", ".join(
+            f"{name} {_num(c['fps_out'])}" + (f" ({c['objects']} obj)" if c["objects"] else "")
+            for name, c in sorted(row.get("cameras", {}).items())
+        )
         table.add_row(
             row["device_id"],
             f"[{style}]{state}[/]" if style else state,
@@ -76,6 +81,7 @@ def render(snapshot: dict[str, Any]) -> Any:
             _num(row["temperature_c"], 0),
             _num(accelerator, 0),
             str(row["outbox_depth"] if row["outbox_depth"] is not None else "-"),
+            cameras or "-",
             labels or "-",
         )
     events = sorted(

@@ -34,7 +34,7 @@ class RecoveryLadder:
         model: ActiveModel,
         manager: ModelManager | None,
         notifier: Notifier,
-        reopen_source: Callable[[], FrameSource],
+        reopen_source: Callable[[str], FrameSource],
         load_backend: Callable[[], Backend],
         drop_connection: Callable[[], bool] | None = None,
     ) -> None:
@@ -62,12 +62,16 @@ class RecoveryLadder:
         return "MQTT connection cut; paho reconnects and sends the unacknowledged window again"
 
     def restart_source(self) -> str | None:
-        if not self.pipeline.source.live:
-            return None  # a file does not stall; nothing to reopen
-        fresh = self.reopen_source()
-        old = self.pipeline.replace_source(fresh)
-        threading.Thread(target=old.close, name="close-old-source", daemon=True).start()
-        return f"source {fresh.name} reopened"
+        """Reopen every live camera's source (the watchdog sees no frame from any of them)."""
+        reopened = []
+        for camera in self.pipeline.cameras:
+            if not camera.source.live:
+                continue  # a file does not stall; nothing to reopen
+            fresh = self.reopen_source(camera.name)
+            old = self.pipeline.replace_source(fresh, camera.name)
+            threading.Thread(target=old.close, name="close-old-source", daemon=True).start()
+            reopened.append(fresh.name)
+        return f"source {', '.join(reopened)} reopened" if reopened else None
 
     def reload_backend(self) -> str | None:
         self.notifier.extend_timeout(300)

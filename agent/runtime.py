@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, threads
-from agent.config import AgentConfig, ConfigError, apply_live, load_config
+from agent.config import AgentConfig, Camera, ConfigError, apply_live, load_config
 from agent.ladder import RecoveryLadder
 from agent.link import (
     CommandHandlers,
@@ -31,6 +31,8 @@ from agent.updates import ModelManager
 from agent.vision import (
     ActiveModel,
     Backend,
+    CameraFeed,
+    FrameSource,
     MotionGate,
     Pipeline,
     Scene,
@@ -41,6 +43,18 @@ from agent.vision import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def unknown_classes(config: AgentConfig, names: dict[int, str]) -> list[str]:
+    """Every camera's ``detection.classes`` the model does not have, each with where it is."""
+    problems = []
+    places = [""] if not config.cameras else [f"cameras.{i}." for i in range(len(config.cameras))]
+    for camera, place in zip(config.camera_list(), places, strict=True):
+        try:
+            resolve_classes(camera.detection.classes, names)
+        except ValueError as exc:
+            problems.append(f"{place}detection.classes: {exc}")
+    return problems
 
 
 class Agent:
@@ -74,13 +88,12 @@ class Agent:
             self.backend = self.manager.startup_backend(config.model.path)
         else:
             self.backend = backend or self._load_backend()
-        try:
-            resolve_classes(config.detection.classes, self.backend.info.class_names)
-        except ValueError as exc:
-            raise ConfigError(f"detection.classes: {exc}") from None
+        problems = unknown_classes(config, self.backend.info.class_names)
+        if problems:
+            raise ConfigError("; ".join(problems))
         log.info("model loaded: %s", self.backend.info.summary())
         self.model = ActiveModel(self.backend)
-        source = open_source(config.source)
+        cameras = [self._open_camera(camera) for camera in config.camera_list()]
         self.sinks = build_sinks(config.sinks)
         self.link: Link | None = None
         self.telemetry: Telemetry | None = None
@@ -89,15 +102,14 @@ class Agent:
             self.sinks.append(self.link.sink)
             self.events.attach(self.link.publish_event)
         self.pipeline = Pipeline(
-            source,
+            None,
             self.model,
             self.sinks,
             config.detection,
             config.pipeline,
             emit_empty=config.sinks.every_frame,
             max_frames=max_frames,
-            scene=Scene.from_config(config),
-            gate=MotionGate.from_config(config.motion),
+            cameras=cameras,
         )
         if self.link is not None:
             handlers = CommandHandlers(
@@ -121,7 +133,7 @@ class Agent:
             self.model,
             self.manager,
             self.notifier,
-            lambda: open_source(self.config.source),
+            self._reopen_source,
             lambda: self._load_backend(),
             self.link.drop_connection if self.link is not None else None,
         )
@@ -160,6 +172,16 @@ class Agent:
             message = f"TensorRT engine build failed: {details.get('reason')}"
             self.events.emit(kind, message, "error", **details)
 
+    @staticmethod
+    def _open_camera(camera: Camera) -> CameraFeed:
+        scene, gate = Scene.from_config(camera), MotionGate.from_config(camera.motion)
+        return CameraFeed(camera.name, open_source(camera.source), camera.detection, scene, gate)
+
+    def _reopen_source(self, camera: str) -> FrameSource:
+        """The watchdog's restart_source step: the named camera's source, opened afresh."""
+        configured = {c.name: c for c in self.config.camera_list()}
+        return open_source(configured[camera].source)
+
     @property
     def source(self) -> Any:
         """The source in use now (the watchdog may have reopened it)."""
@@ -188,12 +210,14 @@ class Agent:
         except ConfigError as exc:
             self.events.emit("config_rejected", f"SIGHUP: new config not applied: {exc}", "error")
             return
-        try:
-            resolve_classes(fresh.detection.classes, self.model().info.class_names)
-        except ValueError as exc:
-            self.events.emit("config_rejected", f"SIGHUP: detection.classes: {exc}", "error")
+        problems = unknown_classes(fresh, self.model().info.class_names)
+        if problems:
+            self.events.emit("config_rejected", f"SIGHUP: {'; '.join(problems)}", "error")
             return
-        self.pipeline.set_thresholds(**fresh.detection.model_dump())
+        running = {camera.name for camera in self.pipeline.cameras}
+        for camera in fresh.camera_list():
+            if camera.name in running:
+                self.pipeline.set_thresholds(camera.name, **camera.detection.model_dump())
         kept = [self.link.sink] if self.link is not None else []
         for sink in (s for s in self.sinks if s not in kept):
             sink.close()
@@ -273,7 +297,8 @@ class Agent:
         self.pipeline.stop()
         self.pipeline.wait(timeout=2.0 if self.exit_code else 10.0)
         self.housekeeper.stop()
-        self.source.close()
+        for camera in self.pipeline.cameras:
+            camera.source.close()
         for sink in self.sinks:
             sink.close()
         if self.link is not None:

@@ -99,6 +99,14 @@ def bus_video(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_video(tmp_path_factory.mktemp("video") / "bus.mp4", frames)
 
 
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Wait for a condition (never for a fixed time); fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(0.05)
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None
 ):

@@ -34,8 +34,11 @@ def schema_for(topic: str) -> dict:
     parts = topic.split("/")
     if len(parts) == 4 and parts[1] == "fleet":  # {prefix}/fleet/{channel}/rollout|announce
         leaf = parts[3]
-    else:
-        leaf = "command-result" if topic.endswith("/result") else BY_LEAF[topic.split("/", 2)[2]]
+    elif topic.endswith("/result"):
+        leaf = "command-result"
+    else:  # {prefix}/{device}/{leaf}, or {prefix}/{device}/{camera}/{leaf} with several cameras
+        rest = topic.split("/", 2)[2]
+        leaf = BY_LEAF[rest if rest in BY_LEAF else rest.split("/", 1)[1]]
     return json.loads((SCHEMAS / f"{leaf}.schema.json").read_text())
 
 

@@ -51,6 +51,6 @@ def test_a_subscriber_follows_a_real_scene_from_objects_alone(tmp_path, broker, 
     assert crossed  # a car drives from the bottom of the frame past its middle
     assert len(objects) * 5 < len(detections), (len(objects), len(detections))
     telemetry = [m.json() for m in sub.messages if m.topic == f"{PREFIX}/telemetry"]
-    scenes = [t["scene"] for t in telemetry if "scene" in t]
+    scenes = [t["cameras"]["carpark"]["scene"] for t in telemetry]
     assert scenes and scenes[-1]["camera"] == "carpark"
     assert "Traceback" not in agent.log()

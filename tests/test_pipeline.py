@@ -10,6 +10,7 @@ from agent.vision.backends import load_backend
 from agent.vision.pipeline import ActiveModel, Pipeline
 from agent.vision.sources import open_source
 from tests import models_for_tests
+from tests.conftest import wait_until
 from tests.test_sources import ScriptedCapture, live
 
 
@@ -139,6 +140,29 @@ def test_live_source_keeps_no_backlog_when_inference_is_slow(tiny_backend):
     assert stats.frames_in - stats.frames_out - stats.dropped <= 2  # ... nothing left queued
     ages = [r.latency_ms["total"] for r in sink.results]
     assert max(ages) < 500  # results stay fresh: no queue of stale frames builds up
+
+
+def test_a_frame_dropped_for_a_newer_one_gives_its_tensor_back(tiny_backend):
+    """Each newer frame that pushes a waiting one out before inference must return that one's
+    input tensor to the pool: they were lost, and after a few drops the loop ran with one
+    tensor in flight instead of its overlap (a slow device got slower, unseen)."""
+    source = live([ScriptedCapture(100_000, interval=0.001)])
+    pipeline = Pipeline(
+        source,
+        lambda: SlowBackend(tiny_backend, delay=0.03),
+        [Recorder()],
+        DetectionConfig(),
+        PipelineConfig(queue_size=2),
+        emit_empty=True,
+    )
+    pipeline.start()
+    wait_until(lambda: pipeline.stats.frames_out >= 20, 60, "20 frames out")
+    pipeline.stop()
+    assert pipeline.wait(timeout=10)
+    source.close()
+    (pre,) = pipeline._preprocessors.values()
+    assert pipeline.stats.dropped > 20
+    assert pre.pool._free.qsize() == pre.pool.size  # every tensor came back
 
 
 def test_thresholds_change_live_and_bad_values_change_nothing(bus_video, fp32_backend):

@@ -3,6 +3,7 @@ and the real YOLOv8n's boxes; zone and line logic on boxes placed where the geom
 
 from __future__ import annotations
 
+import base64
 import configparser
 from pathlib import Path
 
@@ -226,3 +227,21 @@ def test_zones_without_tracking_and_scores_out_of_order_are_rejected(tmp_path):
     path.write_text("model: {path: m.onnx}\ntracking: {enabled: true, low_score: 0.6}\n")
     with pytest.raises(ConfigError, match=r"low_score \(0.6\) <= high_score \(0.4\)"):
         load_config(path, {})
+
+
+def test_snapshots_carry_the_objects_best_box_as_a_small_jpeg(shared, fp32_backend):
+    image = cv2.imread(str(shared / "images" / "bus.jpg"))
+    detections = detect_image(fp32_backend, image, DetectionParams(confidence=0.1))
+    scene = Scene("cam", TrackerSettings(confirm_hits=1), snapshots=True)
+    still = Frame(image, 0, 1e9, 0.0, "test")
+    new = scene.observe(still, detections, 0.25).events
+    ended = scene.close()
+    assert {e["event"] for e in new} == {"new"} and len(ended) == len(new) >= 4
+    for event in new + ended:
+        crop = cv2.imdecode(
+            np.frombuffer(base64.b64decode(event["snapshot_jpeg"]), np.uint8), cv2.IMREAD_COLOR
+        )
+        x1, y1, x2, y2 = event["best_box"]
+        assert max(crop.shape[:2]) <= 320
+        assert crop.shape[1] / crop.shape[0] == pytest.approx((x2 - x1) / (y2 - y1), rel=0.1)
+    assert "snapshot_jpeg" not in walk(Scene("cam", TrackerSettings(confirm_hits=1)), [100])[0]

@@ -27,6 +27,7 @@ class DeviceView:
     model: dict[str, Any] | None = None
     telemetry: dict[str, Any] | None = None
     detections: dict[str, Any] | None = None
+    camera_detections: dict[str, dict[str, Any]] = field(default_factory=dict)  # several cameras
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=8))
     messages: int = 0
     last_seen: float = 0.0  # wall clock
@@ -53,8 +54,20 @@ class DeviceView:
         system = telemetry.get("system") or {}
         gpus = telemetry.get("gpus") or []
         temperatures = system.get("temperatures_c") or {}
-        detections = (self.detections or {}).get("detections") or []
-        labels = Counter(detection.get("label", "?") for detection in detections)
+        latest = [self.detections or {}, *self.camera_detections.values()]
+        labels = Counter(
+            detection.get("label", "?") for message in latest
+            for detection in message.get("detections") or []
+        )  # fmt: skip
+        cameras = {
+            name: {
+                "fps_out": camera.get("fps_out"),
+                "skipped": camera.get("fps_skipped"),
+                "objects": (camera.get("scene") or {}).get("objects"),
+            }
+            for name, camera in (telemetry.get("cameras") or {}).items()
+            if isinstance(camera, dict)
+        }
         return {
             "device_id": self.device_id,
             "state": status.get("state", "unknown"),
@@ -76,6 +89,7 @@ class DeviceView:
             "npu_percent": (telemetry.get("npu") or {}).get("load_percent"),
             "outbox_depth": (telemetry.get("outbox") or {}).get("depth"),
             "last_detections": dict(labels),
+            "cameras": cameras,
             "events": [
                 {k: e.get(k) for k in ("timestamp", "level", "kind", "message")}
                 for e in self.events
@@ -96,12 +110,18 @@ class FleetView:
 
     def topics(self) -> list[str]:
         who = self.device or "+"
-        return [f"{self.prefix}/{who}/{leaf}" for leaf in self.leaves]
+        topics = [f"{self.prefix}/{who}/{leaf}" for leaf in self.leaves]
+        if "detections" in self.leaves:  # several cameras: {device}/{camera}/detections
+            topics.append(f"{self.prefix}/{who}/+/detections")
+        return topics
 
     def update(self, topic: str, payload: bytes) -> DeviceView | None:
         """Take one message; returns the device it was about (None: not a topic of the view)."""
         parts = topic.split("/")
         head = self.prefix.split("/")
+        camera = None
+        if len(parts) == len(head) + 3 and parts[-1] == "detections":
+            camera = parts.pop(-2)
         if (
             len(parts) != len(head) + 2
             or parts[: len(head)] != head
@@ -121,6 +141,8 @@ class FleetView:
         view.last_seen = time.time()
         if leaf == "events":
             view.events.append(data)
+        elif camera is not None:
+            view.camera_detections[camera] = data
         else:
             setattr(view, leaf, data)
         return view

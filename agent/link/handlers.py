@@ -31,12 +31,14 @@ class ThresholdArgs(BaseModel):
     max_detections: int | None = Field(None, ge=1, le=10_000)
     classes: list[int | str] | None = Field(None, max_length=1000)
     all_classes: bool = Field(False, description="Clear the class allow-list.")
+    camera: str | None = Field(None, description="Only this camera (default: every camera).")
 
 
 class SnapshotArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     quality: int = Field(80, ge=1, le=100)
     max_width: int | None = Field(None, ge=32, le=8192)
+    camera: str | None = Field(None, description="Which camera (default: the first).")
 
 
 class NoArgs(BaseModel):
@@ -99,7 +101,8 @@ class CommandHandlers:
         }
 
     def thresholds(self, args: ThresholdArgs) -> dict[str, Any]:
-        changes = args.model_dump(exclude_none=True, exclude={"all_classes"})
+        changes = args.model_dump(exclude_none=True, exclude={"all_classes", "camera"})
+        feed = self._camera(args.camera)
         if args.all_classes:
             changes["classes"] = None
         if "classes" in changes and changes["classes"] is not None:
@@ -108,19 +111,27 @@ class CommandHandlers:
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
         if changes:
-            updated = self.pipeline.set_thresholds(**changes)
+            updated = self.pipeline.set_thresholds(args.camera, **changes)
             self.events.emit(
                 "thresholds_changed",
                 f"thresholds now {updated.model_dump()}",
                 "info",
+                camera=args.camera,
                 **updated.model_dump(),
             )
-        return self.pipeline.detection.model_dump()
+        return feed.detection.model_dump()
+
+    def _camera(self, name: str | None) -> Any:
+        try:
+            return self.pipeline.camera(name)
+        except KeyError as exc:
+            raise CommandError(str(exc.args[0])) from None
 
     def snapshot(self, args: SnapshotArgs) -> dict[str, Any]:
-        result = self.pipeline.last_result
+        feed = self._camera(args.camera)
+        result = feed.last_result
         if result is None:
-            raise CommandError("no frame has been processed yet")
+            raise CommandError(f"no frame of camera {feed.name} has been processed yet")
         image = annotate(result)
         if args.max_width and image.shape[1] > args.max_width:
             scale = args.max_width / image.shape[1]
@@ -131,6 +142,7 @@ class CommandHandlers:
         if not ok:
             raise CommandError("JPEG encoding failed")
         return {
+            "camera": feed.name,
             "frame_id": result.frame.frame_id,
             "timestamp": round(result.frame.timestamp, 6),
             "width": image.shape[1],

@@ -40,10 +40,12 @@ class Housekeeper:
         self._thread = threading.Thread(target=run, name="telemetry", daemon=True)
 
     def watched(self) -> Watched:
-        stats = self.pipeline.source.stats
+        sources = [camera.source.stats for camera in self.pipeline.cameras]  # every camera's
+        reconnects, stalls = sum(s.reconnects for s in sources), sum(s.stalls for s in sources)
+        last_error = next((s.last_error for s in sources if s.last_error), None)
         watched: Watched = {
-            "source_reconnects": (stats.reconnects, "source lost, reconnecting", stats.last_error),
-            "source_stalls": (stats.stalls, "source stalled", stats.last_error),
+            "source_reconnects": (reconnects, "source lost, reconnecting", last_error),
+            "source_stalls": (stalls, "source stalled", last_error),
             "pipeline_errors": (self.pipeline.stats.errors, "frames failed in the pipeline", None),
         }
         if self.link is not None:

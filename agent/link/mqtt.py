@@ -49,8 +49,14 @@ class Topics:
     prefix: str
     device_id: str
 
+    per_camera: bool = False  # several cameras: detections and objects under {camera}/
+
     def device(self, leaf: str) -> str:
         return f"{self.prefix}/{self.device_id}/{leaf}"
+
+    def of_camera(self, camera: str, leaf: str) -> str:
+        """A camera's ``detections`` or ``objects``: per camera when there are several."""
+        return self.device(f"{camera}/{leaf}" if self.per_camera else leaf)
 
     @property
     def status(self) -> str:

@@ -8,6 +8,7 @@ are published again; a fleet ``announce`` on the channel's topic nudges the mode
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -45,12 +46,14 @@ class MqttSink:
         record["capture_to_publish_ms"] = round(
             (time.monotonic() - result.frame.captured) * 1000, 3
         )
-        self._outbox.submit(self._topics.detections, encode(record), self._qos)
+        topic = self._topics.of_camera(result.camera, "detections")
+        self._outbox.submit(topic, encode(record), self._qos)
 
     def emit_objects(self, events: list[dict[str, Any]]) -> None:
         for event in events:
             record = {**event, "device_id": self._device_id, "session": self._session}
-            self._outbox.submit(self._topics.objects, encode(record), 1)
+            topic = self._topics.of_camera(event["camera"], "objects")
+            self._outbox.submit(topic, encode(record), 1)
 
     def close(self) -> None:
         pass
@@ -88,7 +91,9 @@ class Link:
             on_message=self._on_message,
         )
         self.publisher = Publisher(self.outbox, self.mqtt, mqtt.inflight, mqtt.ack_timeout_s)
-        self.topics = self.mqtt.topics
+        self.topics = self.mqtt.topics = dataclasses.replace(
+            self.mqtt.topics, per_camera=bool(config.cameras)
+        )
         self.sink = MqttSink(
             self.outbox, self.topics, mqtt.qos_detections, config.device_id, session
         )

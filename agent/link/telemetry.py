@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.link.messages import TELEMETRY, model_ref
 from agent.link.probes import SystemProbes
-from agent.vision import Backend, Pipeline
+from agent.vision import Backend, CameraFeed, Pipeline
 
 FRAME_COUNTERS = ("frames_in", "frames_out", "dropped", "late", "errors", "skipped")
 
@@ -31,6 +31,7 @@ class Telemetry:
         self.pipeline, self.model = pipeline, model
         self.probes = SystemProbes()
         self._last = (time.monotonic(), 0, 0)  # when, frames in, frames out
+        self._camera_last: dict[str, tuple[float, int, int, int]] = {}  # ... and skipped
 
     def message(self, link_counters: dict[str, Any] | None = None) -> dict[str, Any]:
         snap = self.pipeline.stats.snapshot()
@@ -55,10 +56,36 @@ class Telemetry:
             "latency_ms": snap["latency_ms"],
             "inference_ms": snap["latency_ms"]["inference"]["p50"],
             "source": {"name": source.name, **source.stats.as_dict()},
-            **({"scene": self.pipeline.scene.summary()} if self.pipeline.scene else {}),
+            "cameras": {camera.name: self._camera(camera) for camera in self.pipeline.cameras},
             **self.probes.read(),
             **(link_counters or {}),
         }
+
+    def _camera(self, camera: CameraFeed) -> dict[str, Any]:
+        """A camera's counters since start, its rates since the last message (skipped: frames
+        motion gating kept from the detector), its latency, its source's health, its scene."""
+        snap, now = camera.stats.snapshot(), time.monotonic()
+        last_t, last_in, last_out, last_skipped = self._camera_last.get(
+            camera.name, (self.started, 0, 0, 0)
+        )
+        span = max(now - last_t, 1e-6)
+        self._camera_last[camera.name] = (
+            now,
+            snap["frames_in"],
+            snap["frames_out"],
+            snap["skipped"],
+        )
+        section = {
+            "fps_in": round((snap["frames_in"] - last_in) / span, 2),
+            "fps_out": round((snap["frames_out"] - last_out) / span, 2),
+            "fps_skipped": round((snap["skipped"] - last_skipped) / span, 2),
+            **{k: snap[k] for k in FRAME_COUNTERS},
+            "latency_ms": {k: snap["latency_ms"][k] for k in ("inference", "total")},
+            "source": {"name": camera.source.name, **camera.source.stats.as_dict()},
+        }
+        if camera.scene is not None:
+            section["scene"] = camera.scene.summary()
+        return section
 
     def close(self) -> None:
         self.probes.close()

@@ -167,7 +167,7 @@ class Supervisor:
         last_move, last_value = self._progress
         if frames_in != last_value:
             self._progress = (now, frames_in)
-        elif pipeline.source.live and now - last_move > self.source_stall_s:
+        elif pipeline.live and now - last_move > self.source_stall_s:
             faults.append(Fault("source", f"no frame for {now - last_move:.0f} s"))
         out_move, out_value = self._output
         if stats.frames_out != out_value:
@@ -200,10 +200,10 @@ class Supervisor:
         delivers and this device cannot keep up, restarting would only lose more frames, so the
         agent says so once (``degraded``) and keeps going, newest frame first."""
         pipeline, config = self.pipeline, self.config
-        nominal = pipeline.source.nominal_fps
+        nominal = pipeline.live_nominal_fps()
         fps = pipeline.stats.recent_fps(now, config.fps_window_s)
         floor = config.min_fps_ratio * (nominal or 0.0)
-        if not (pipeline.source.live and nominal and fps is not None and fps < floor):
+        if not (nominal and fps is not None and fps < floor):
             if self.degraded is not None:
                 self.emit("degraded_ended", "keeping up with the camera again", "info")
                 self.degraded = None

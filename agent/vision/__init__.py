@@ -25,6 +25,7 @@ from agent.vision.backends.engine_cache import gpu_slug
 from agent.vision.backends.engine_cache import local_environment as local_engine_environment
 from agent.vision.backends.engine_cache import resolve_precision as resolve_engine_precision
 from agent.vision.backends.engine_cache import subscribe as on_engine_builds
+from agent.vision.cameras import CameraFeed, FairQueue
 from agent.vision.motion import MotionGate, MotionSettings
 from agent.vision.pipeline import ActiveModel, PairedFrame, Pipeline, Shadow
 from agent.vision.postprocess import (
@@ -54,8 +55,10 @@ __all__ = [
     "ActiveModel",
     "Backend",
     "BackendInfo",
+    "CameraFeed",
     "Detection",
     "DetectionParams",
+    "FairQueue",
     "Frame",
     "FrameResult",
     "FrameSource",

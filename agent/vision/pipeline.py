@@ -2,9 +2,11 @@
 
 Each stage runs on its own thread and hands work on through a small bounded queue, so decoding
 frame N+2 and letterboxing frame N+1 overlap with inference on frame N (OpenCV and ONNX Runtime
-release the GIL). Live sources keep only the newest frame; file sources apply back-pressure and
-never drop. The active model is asked for once per frame, at preprocess, and that frame keeps it
-through inference and postprocess, so a model swap falls cleanly between two frames.
+release the GIL). Each camera has its own capture thread and lane; preprocess takes from the
+lanes in turn (``cameras.FairQueue``), so one model serves every camera. Live sources keep only
+the newest frame; file sources apply back-pressure and never drop. The active model is asked
+for once per frame, at preprocess, and that frame keeps it through inference and postprocess,
+so a model swap falls cleanly between two frames.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from agent.config import DetectionConfig, PipelineConfig
 from agent.contract.errors import SourceError
 from agent.vision.backends.base import Backend
+from agent.vision.cameras import CameraFeed, FairQueue
 from agent.vision.motion import MotionGate
 from agent.vision.postprocess import Detection, DetectionParams, decode
 from agent.vision.preprocess import Letterbox, Preprocessor
@@ -133,12 +136,13 @@ class Job:
     latency_ms: dict[str, float] = field(default_factory=dict)
     output: np.ndarray | None = None
     shadow: tuple[Shadow, np.ndarray, float] | None = None  # its output and time, when paired
+    camera: CameraFeed = None  # type: ignore[assignment]  # set by preprocess
 
 
 class Pipeline:
     def __init__(
         self,
-        source: FrameSource,
+        source: FrameSource | None,
         model: Callable[[], Backend],
         sinks: Sequence[Sink],
         detection: DetectionConfig,
@@ -147,33 +151,43 @@ class Pipeline:
         max_frames: int | None = None,
         scene: Scene | None = None,
         gate: MotionGate | None = None,
+        cameras: Sequence[CameraFeed] = (),
     ) -> None:
-        """``scene``: the camera's tracker, zones and lines; with one, boxes are decoded down
+        """One camera (``source``), or several (``cameras``, source None) sharing the model.
+
+        ``scene``: the camera's tracker, zones and lines; with one, boxes are decoded down
         to its low score (they extend tracks) and only those at ``detection.confidence`` or
         more reach the sinks, with their track ids, next to the object events. ``gate``: motion
-        gating, which lets a frame on to the detector only when it needs it."""
-        self.source = source
-        self.scene, self.gate = scene, gate
+        gating, which lets a frame on to the detector only when it needs it. ``max_frames``
+        counts frames of all cameras together."""
+        if source is not None:
+            cameras = [CameraFeed(source.name, source, detection, scene, gate)]
+        if not cameras:
+            raise ValueError("a pipeline needs a source or at least one camera")
+        self.cameras = list(cameras)
+        for camera in self.cameras:
+            camera.stats = PipelineStats(config.latency_window)
         self.model = model
         self.sinks = list(sinks)
         self.config = config
         self.emit_empty = emit_empty
         self.max_frames = max_frames
-        self._last_frame_id = -1
-        self._numbering: tuple[FrameSource | None, int] = (None, 0)  # (source, id offset)
-        self.stats = PipelineStats(config.latency_window)
+        self.stats = PipelineStats(config.latency_window)  # all cameras together
         self.error: SourceError | None = None
         self._paired_frames = 0
         self.crashed: str | None = None  # "stage: exception" when a stage died of a bug
         self.last_result: FrameResult | None = None
-        self._detection = detection
-        self._params_cache: dict[int, DetectionParams] = {}
+        self._params_cache: dict[tuple, DetectionParams] = {}
         self._preprocessors: dict[tuple, Preprocessor] = {}
         self._stop = threading.Event()
         self._aborted = threading.Event()  # a stage crashed: nothing downstream will drain
         self._done = threading.Event()
-        ahead = config.live_queue_size if source.live else config.queue_size
-        self._to_preprocess = StageQueue(ahead, self._aborted)
+        lanes = {c.name: self._lane_size(c.source) for c in self.cameras}
+        self._waiting = FairQueue(lanes, self._aborted)
+        # one live camera may drop a waiting tensor for a newer frame; with several cameras
+        # the newest-frame choice is made per camera in its lane, never across cameras
+        self._newest_first = len(self.cameras) == 1 and self.cameras[0].source.live
+        ahead = config.live_queue_size if self._newest_first else config.queue_size
         self._to_infer = StageQueue(ahead, self._aborted)
         self._to_postprocess = StageQueue(config.queue_size, self._aborted)
         self._threads: list[threading.Thread] = []
@@ -183,16 +197,56 @@ class Pipeline:
         )
         self._inference_generation = 0
         self.abandoned_workers = 0
+        self._taken = 0  # frames taken from all cameras (max_frames)
+        self._taking = threading.Lock()
+
+    def _lane_size(self, source: FrameSource) -> int:
+        return self.config.live_queue_size if source.live else self.config.queue_size
+
+    # -- the cameras (the first one stands for all where one is asked for) -----------------
+    @property
+    def source(self) -> FrameSource:
+        return self.cameras[0].source
+
+    @property
+    def scene(self) -> Scene | None:
+        return self.cameras[0].scene
+
+    @property
+    def gate(self) -> MotionGate | None:
+        return self.cameras[0].gate
+
+    @property
+    def live(self) -> bool:
+        """Is any camera live? (With none, frames ending is the end of the files, not a fault.)"""
+        return any(c.source.live for c in self.cameras)
+
+    def live_nominal_fps(self) -> float | None:
+        """What the cameras should deliver together, when every one is live and says its
+        rate (the watchdog's rate check); None otherwise."""
+        rates = [c.source.nominal_fps if c.source.live else None for c in self.cameras]
+        return sum(rates) if all(rates) else None  # type: ignore[arg-type]
+
+    def camera(self, name: str | None) -> CameraFeed:
+        """The named camera (None: the first); KeyError names the cameras there are."""
+        if name is None:
+            return self.cameras[0]
+        for camera in self.cameras:
+            if camera.name == name:
+                return camera
+        raise KeyError(f"no camera {name!r}; cameras: {', '.join(c.name for c in self.cameras)}")
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
         if self.config.opencv_threads:
             cv2.setNumThreads(self.config.opencv_threads)
-        for name, target in (
-            ("capture", self._capture_loop),
-            ("preprocess", self._preprocess_loop),
-            ("postprocess", self._postprocess_loop),
-        ):
+        single = len(self.cameras) == 1
+        loops: list[tuple[str, Callable[[], None]]] = [
+            ("capture" if single else f"capture-{camera.name}", self._capture_for(camera))
+            for camera in self.cameras
+        ]
+        loops += [("preprocess", self._preprocess_loop), ("postprocess", self._postprocess_loop)]
+        for name, target in loops:
             thread = threading.Thread(target=self._guard(name, target), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -216,19 +270,10 @@ class Pipeline:
         self.busy_since["inference"] = None
         self._start_inference_worker()
 
-    def _numbered(self, source: FrameSource, frame: Frame) -> Frame:
-        """Frame ids go on rising across a reopened source, which counts from 0 again: a
-        subscriber takes a (session, frame_id) it has seen for a resend and drops it."""
-        if source is not self._numbering[0]:
-            self._numbering = (source, self._last_frame_id + 1 - frame.frame_id)
-        if self._numbering[1]:
-            frame.frame_id += self._numbering[1]
-        self._last_frame_id = frame.frame_id
-        return frame
-
-    def replace_source(self, source: FrameSource) -> FrameSource:
+    def replace_source(self, source: FrameSource, camera: str | None = None) -> FrameSource:
         """Swap in a reopened source; the capture loop reads from it from its next frame on."""
-        previous, self.source = self.source, source
+        feed = self.camera(camera)
+        previous, feed.source = feed.source, source
         self.busy_since["capture"] = None
         return previous
 
@@ -256,16 +301,20 @@ class Pipeline:
         self.start()
         self.wait()
 
-    def set_thresholds(self, **changes: Any) -> DetectionConfig:
-        """Change confidence/iou/max_detections/classes live; validated like the config file."""
-        updated = self._detection.model_validate({**self._detection.model_dump(), **changes})
-        self._detection = updated
+    def set_thresholds(self, camera: str | None = None, **changes: Any) -> DetectionConfig:
+        """Change confidence/iou/max_detections/classes live, for one camera or (None) all;
+        validated like the config file, and all cameras' checked before any is changed."""
+        feeds = [self.camera(camera)] if camera is not None else self.cameras
+        updated = [f.detection.model_validate({**f.detection.model_dump(), **changes})
+                   for f in feeds]  # fmt: skip
+        for feed, detection in zip(feeds, updated, strict=True):
+            feed.detection = detection
         self._params_cache = {}
-        return updated
+        return updated[0]
 
     @property
     def detection(self) -> DetectionConfig:
-        return self._detection
+        return self.cameras[0].detection
 
     def summary_line(self) -> str:
         snap = self.stats.snapshot()
@@ -294,23 +343,32 @@ class Pipeline:
 
         return run
 
-    def _capture_loop(self) -> None:
+    def _capture_for(self, camera: CameraFeed) -> Callable[[], None]:
+        return lambda: self._capture_loop(camera)
+
+    def _capture_loop(self, camera: CameraFeed) -> None:
         try:
             while not self._stop.is_set():
-                if self.max_frames is not None and self.stats.frames_in >= self.max_frames:
+                if self.max_frames is not None and self._taken >= self.max_frames:
                     break
-                source = self.source  # the watchdog may have replaced it
+                source = camera.source  # the watchdog may have replaced it
                 started = time.perf_counter()
                 try:
                     frame = source.read(timeout=0.5)
                 except TimeoutError:
                     continue
-                if source is not self.source:
+                if source is not camera.source:
                     continue  # a frame from the source that was just replaced
                 if frame is None:
                     break
-                frame = self._numbered(source, frame)
-                self.stats.mark_in(time.monotonic())
+                with self._taking:
+                    if self.max_frames is not None and self._taken >= self.max_frames:
+                        break
+                    self._taken += 1
+                frame = camera.numbered(source, frame)
+                now = time.monotonic()
+                self.stats.mark_in(now)
+                camera.stats.mark_in(now)
                 if not source.live:
                     # a file frame's capture cost is its decode; a live frame's is its age
                     capture_ms = (time.perf_counter() - started) * 1000
@@ -318,15 +376,19 @@ class Pipeline:
                     capture_ms = (time.monotonic() - frame.captured) * 1000
                 self.stats.latency["capture"].add(capture_ms)
                 if source.live:
-                    if self._to_preprocess.put_latest(frame) is not None:
-                        self.stats.count("dropped")
+                    if self._waiting.put_latest(camera.name, frame) is not None:
+                        self._count(camera, "dropped")
                 else:
-                    self._to_preprocess.put(frame)
+                    self._waiting.put(camera.name, frame)
         except SourceError as exc:
             self.error = exc
-            log.error("%s", exc)
+            log.error("camera %s: %s", camera.name, exc)
         finally:
-            self._to_preprocess.put(_END)
+            self._waiting.end(camera.name)
+
+    def _count(self, camera: CameraFeed, name: str) -> None:
+        self.stats.count(name)
+        camera.stats.count(name)
 
     def _preprocessor_for(self, model: Backend) -> Preprocessor:
         key = (model.info.imgsz, model.info.input_dtype)
@@ -339,9 +401,13 @@ class Pipeline:
         return pre
 
     def _preprocess_loop(self) -> None:
-        while (frame := self._to_preprocess.get()) is not _END:
-            if self.gate is not None and not self._needs_detector(frame):
-                self.stats.mark_skipped(time.monotonic())
+        while (waiting := self._waiting.get()) is not None:
+            camera = self.camera(waiting[0]) if len(self.cameras) > 1 else self.cameras[0]
+            frame = waiting[1]
+            if camera.gate is not None and not self._needs_detector(camera, frame):
+                now = time.monotonic()
+                self.stats.mark_skipped(now)
+                camera.stats.mark_skipped(now)
                 continue
             model = self.model()
             pre = self._preprocessor_for(model)
@@ -350,32 +416,35 @@ class Pipeline:
             try:
                 tensor, box = pre(frame.image)
             except ValueError as exc:
-                log.warning("frame %d skipped: %s", frame.frame_id, exc)
-                self.stats.count("errors")
+                log.warning("camera %s: frame %d skipped: %s", camera.name, frame.frame_id, exc)
+                self._count(camera, "errors")
                 continue
             finally:
                 self.busy_since["preprocess"] = None
             elapsed = (time.perf_counter() - started) * 1000
             self.stats.latency["preprocess"].add(elapsed)
-            job = Job(frame, model, pre, tensor, box, {"preprocess": elapsed})
-            if not self.source.live:
+            job = Job(frame, model, pre, tensor, box, {"preprocess": elapsed}, camera=camera)
+            if not self._newest_first:
                 self._to_infer.put(job)
-            elif self._to_infer.put_latest(job) is not None:
-                self.stats.count("dropped")  # a newer frame is ready: latency beats backlog
+            elif (dropped := self._to_infer.put_latest(job)) is not None:
+                dropped.preprocessor.pool.release(dropped.tensor)
+                self._count(camera, "dropped")  # a newer frame is ready: latency beats backlog
         self._to_infer.put(_END)
 
-    def _needs_detector(self, frame: Frame) -> bool:
-        assert self.gate is not None
-        busy = self.scene is not None and self.scene.busy()
-        return self.gate.admit(frame.image, frame.captured, busy)
+    @staticmethod
+    def _needs_detector(camera: CameraFeed, frame: Frame) -> bool:
+        assert camera.gate is not None
+        busy = camera.scene is not None and camera.scene.busy()
+        return camera.gate.admit(frame.image, frame.captured, busy)
 
     def _inference_loop(self, generation: int = 0) -> None:
         while (job := self._to_infer.get()) is not _END:
             try:
                 age_ms = (time.monotonic() - job.frame.captured) * 1000
-                if self.source.live and self.config.drop_late and age_ms > self.config.deadline_ms:
-                    self.stats.count("late")
-                    self.stats.count("dropped")
+                live = job.camera.source.live
+                if live and self.config.drop_late and age_ms > self.config.deadline_ms:
+                    self._count(job.camera, "late")
+                    self._count(job.camera, "dropped")
                     continue
                 started = time.perf_counter()
                 self.busy_since["inference"] = time.monotonic()
@@ -433,20 +502,23 @@ class Pipeline:
         shadow, output, old_ms = job.shadow
         backend = shadow.backend
         try:
-            theirs = decode(output, job.letterbox, self._params_for(backend),
+            theirs = decode(output, job.letterbox, self._params_for(backend, job.camera),
                             backend.info.class_names)  # fmt: skip
             shadow.record(PairedFrame(job.latency_ms["inference"], old_ms, detections, theirs))
         except Exception as exc:  # the comparison must never cost the frame
             log.warning("probation pair dropped: %r", exc)
 
-    def _params_for(self, model: Backend, tracking: bool = False) -> DetectionParams:
-        """The model's decode thresholds; ``tracking``: down to the tracker's low score."""
-        key = (id(model.info), tracking)
+    def _params_for(self, model: Backend, camera: CameraFeed | None = None,
+                    tracking: bool = False) -> DetectionParams:  # fmt: skip
+        """A camera's decode thresholds for the model; ``tracking``: down to the tracker's low
+        score."""
+        camera = camera or self.cameras[0]
+        key = (id(model.info), camera.name, tracking)
         params = self._params_cache.get(key)
         if params is None:
-            params = DetectionParams.from_config(self._detection, model.info.class_names)
-            if tracking and self.scene is not None:
-                low = self.scene.tracker.settings.low_score
+            params = DetectionParams.from_config(camera.detection, model.info.class_names)
+            if tracking and camera.scene is not None:
+                low = camera.scene.tracker.settings.low_score
                 params = dataclasses.replace(params, confidence=min(params.confidence, low))
             self._params_cache[key] = params
         return params
@@ -455,11 +527,12 @@ class Pipeline:
         try:
             while (job := self._to_postprocess.get()) is not _END:
                 self._finish(job)
-            if self.scene is not None and self.last_result is not None:
-                # the camera ends: every object still followed ends with it
-                last = self.last_result
-                self._emit(FrameResult(last.frame, last.model, [], {}, self.scene.close()),
-                           detections=False)  # fmt: skip
+            for camera in self.cameras:  # they end: every object still followed ends with them
+                last = camera.last_result
+                if camera.scene is not None and last is not None:
+                    ended = FrameResult(last.frame, last.model, [], {}, camera.scene.close(),
+                                        camera.name)  # fmt: skip
+                    self._emit(ended, detections=False)
         finally:
             self._done.set()
 
@@ -486,18 +559,19 @@ class Pipeline:
 
     def _finish_job(self, job: Job) -> None:
         started = time.perf_counter()
-        tracking = self.scene is not None
+        camera = job.camera
         try:
-            detections = decode(job.output, job.letterbox, self._params_for(job.model, tracking),
-                                job.model.info.class_names)  # fmt: skip
+            params = self._params_for(job.model, camera, tracking=camera.scene is not None)
+            detections = decode(job.output, job.letterbox, params, job.model.info.class_names)
             objects: list[dict[str, Any]] = []
-            if self.scene is not None:
-                seen = self.scene.observe(job.frame, detections, self._detection.confidence)
+            if camera.scene is not None:
+                seen = camera.scene.observe(job.frame, detections, camera.detection.confidence)
                 detections, objects = seen.detections, seen.events
         except Exception as exc:  # a model whose outputs cannot be decoded: counted per frame,
             # and the watchdog's output check escalates (reload, previous model) if it persists
-            log.warning("postprocess failed on frame %d: %r", job.frame.frame_id, exc)
-            self.stats.count("errors")
+            log.warning("camera %s: postprocess failed on frame %d: %r", camera.name,
+                        job.frame.frame_id, exc)  # fmt: skip
+            self._count(camera, "errors")
             return
         post_ms = (time.perf_counter() - started) * 1000
         if job.shadow is not None:
@@ -506,18 +580,23 @@ class Pipeline:
         job.latency_ms["postprocess"] = post_ms
         total_ms = (time.monotonic() - job.frame.captured) * 1000
         job.latency_ms["total"] = total_ms
-        result = FrameResult(job.frame, job.model.info, detections, job.latency_ms, objects)
-        self.last_result = result
+        result = FrameResult(job.frame, job.model.info, detections, job.latency_ms, objects,
+                             camera.name)  # fmt: skip
+        self.last_result = camera.last_result = result
         sink_started = time.perf_counter()
         self._emit(result)
         self.stats.latency["sink"].add((time.perf_counter() - sink_started) * 1000)
         self.stats.latency["total"].add(total_ms)
+        camera.stats.latency["total"].add(total_ms)
+        camera.stats.latency["inference"].add(job.latency_ms["inference"])
         late = total_ms > self.config.deadline_ms
         if late:
-            self.stats.count("late")
+            self._count(camera, "late")
         per_model = self.stats.for_model(job.model)
         per_model.inference.add(job.latency_ms["inference"])
         per_model.frames += 1
         per_model.empty += not detections
         per_model.late += late
-        self.stats.mark_out(time.monotonic())
+        now = time.monotonic()
+        self.stats.mark_out(now)
+        camera.stats.mark_out(now)

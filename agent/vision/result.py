@@ -23,6 +23,7 @@ class FrameResult:
     detections: list[Detection]
     latency_ms: dict[str, float] = field(default_factory=dict)
     objects: list[dict[str, Any]] = field(default_factory=list)  # object events (tracking on)
+    camera: str = ""  # the camera's name (its source's, with one camera)
 
     def to_dict(self) -> dict[str, Any]:
         height, width = self.frame.image.shape[:2]
@@ -31,6 +32,7 @@ class FrameResult:
             "frame_id": self.frame.frame_id,
             "timestamp": round(self.frame.timestamp, 6),
             "source": self.frame.source,
+            "camera": self.camera or self.frame.source,
             "model": {"name": self.model.model_name, "version": self.model.model_version},
             "image": {"width": width, "height": height},
             "detections": [d.to_dict() for d in self.detections],

@@ -11,6 +11,7 @@ an object's position is its box's bottom centre (where it stands).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import threading
 from collections import Counter
@@ -18,12 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import AgentConfig
+import cv2
+import numpy as np
+
+from agent.config import Camera
 from agent.vision.postprocess import Detection
 from agent.vision.sources import Frame
 from agent.vision.tracking import Track, Tracker, TrackerSettings
 
 OBJECT = "edge-agent/object/v1"  # schema id of an ``objects`` message
+SNAPSHOT_SIDE = 320  # px: an object's snapshot is at most this on its longer side
 
 Point = tuple[float, float]
 
@@ -78,6 +83,8 @@ class _Followed:
     position: Point | None = None
     class_id: int | None = None
     best_score: float = 0.0
+    crop: np.ndarray | None = None  # the best-scoring box's pixels (snapshots on)
+    crop_score: float = -1.0
 
 
 @dataclass
@@ -100,9 +107,12 @@ class Scene:
         lines: Sequence[Line] = (),
         score_step: float = 0.1,
         zone_frames: int = 3,
+        snapshots: bool = False,
     ) -> None:
         """``zone_frames``: frames in a row an object must be in (or out of) a zone before it
-        counts as entered (or left), so a box jittering on the border does not flap."""
+        counts as entered (or left), so a box jittering on the border does not flap.
+        ``snapshots``: ``new`` and ``end`` carry a JPEG of the object's best-scoring box."""
+        self.snapshots = snapshots
         self.camera = camera
         self.tracker = Tracker(tracker)
         self.zones, self.lines = tuple(zones), tuple(lines)
@@ -114,9 +124,9 @@ class Scene:
         self._wall_offset = 0.0  # wall clock minus monotonic clock, at the latest frame
 
     @classmethod
-    def from_config(cls, config: AgentConfig) -> Scene | None:
-        """The scene of the configured camera; None when tracking is off."""
-        tracking = config.tracking
+    def from_config(cls, camera: Camera) -> Scene | None:
+        """A configured camera's scene; None when tracking is off for it."""
+        tracking = camera.tracking
         if not tracking.enabled:
             return None
         settings = TrackerSettings(
@@ -128,10 +138,10 @@ class Scene:
             confirm_hits=tracking.confirm_hits,
             max_lost_s=tracking.max_lost_s,
         )
-        zones = [Zone(z.name, tuple(z.polygon)) for z in config.zones]
-        lines = [Line(line.name, *line.points) for line in config.lines]
-        return cls(config.source.name, settings, zones, lines, tracking.score_step,
-                   tracking.zone_frames)  # fmt: skip
+        zones = [Zone(z.name, tuple(z.polygon)) for z in camera.zones]
+        lines = [Line(line.name, *line.points) for line in camera.lines]
+        return cls(camera.name, settings, zones, lines, tracking.score_step,
+                   tracking.zone_frames, tracking.snapshots)  # fmt: skip
 
     def observe(self, frame: Frame, detections: Sequence[Detection], min_score: float) -> SceneStep:
         """Track one frame's boxes (down to the tracker's low score); the detections returned
@@ -158,6 +168,7 @@ class Scene:
         events = []
         for track in step.confirmed:
             state = self._followed[track.track_id] = _Followed()
+            self._keep_crop(track, state, frame)
             self._place(track, state, size, [])
             state.class_id, state.best_score = track.class_id, track.best.score
             events.append(self._event("new", track, state, []))
@@ -166,6 +177,7 @@ class Scene:
             if id(track) in confirmed_now:
                 continue
             state = self._followed[track.track_id]
+            self._keep_crop(track, state, frame)
             changes: list[str] = []
             self._place(track, state, size, changes)
             if track.class_id != state.class_id:
@@ -239,6 +251,23 @@ class Scene:
                     changes.append(f"crossed:{line.name}:{direction}")
         state.zones, state.position = zones, position
 
+    def _keep_crop(self, track: Track, state: _Followed, frame: Frame) -> None:
+        """Snapshots on: keep the pixels of the object's best box seen so far (at most
+        ``SNAPSHOT_SIDE`` px on its longer side)."""
+        if not self.snapshots or track.detection.score <= state.crop_score:
+            return
+        height, width = frame.image.shape[:2]
+        x1, y1, x2, y2 = (round(v) for v in track.detection.box)
+        x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
+        if x2 <= x1 or y2 <= y1:
+            return
+        crop = frame.image[y1:y2, x1:x2]
+        scale = SNAPSHOT_SIDE / max(crop.shape[:2])
+        if scale < 1:
+            size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+            crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+        state.crop, state.crop_score = crop.copy(), track.detection.score
+
     def _end(self, track: Track) -> dict[str, Any]:
         state = self._followed.pop(track.track_id, None) or _Followed()
         return self._event("end", track, state, [])
@@ -247,6 +276,11 @@ class Scene:
                changes: list[str]) -> dict[str, Any]:  # fmt: skip
         self.events_sent[kind] += 1
         best = track.best or track.detection
+        snapshot = {}
+        if kind != "update" and state.crop is not None:
+            ok, jpeg = cv2.imencode(".jpg", state.crop, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            if ok:
+                snapshot["snapshot_jpeg"] = base64.b64encode(jpeg.tobytes()).decode("ascii")
         return {
             "schema": OBJECT,
             "event": kind,
@@ -262,4 +296,5 @@ class Scene:
             "best_box": [round(v, 1) for v in best.box],
             "zones": sorted(state.zones),
             "changes": changes,
+            **snapshot,
         }
