@@ -64,6 +64,7 @@ def main() -> int:
     gate = MotionGate()
     events: dict[str, list[dict]] = {name: [] for name in scenes}
     calls = dict.fromkeys(scenes, 0)
+    with_boxes = dict.fromkeys(scenes, 0)  # detections messages: frames with a box shown
     cpu = dict.fromkeys(scenes, 0.0)
     index = 0
     while True:
@@ -77,7 +78,9 @@ def main() -> int:
             run = name == "every frame" or gate.admit(image, now, scene.busy())
             if run:
                 detections = detect_image(backend, image, params, pre)
-                events[name] += scene.observe(frame, detections, CONFIDENCE).events
+                seen = scene.observe(frame, detections, CONFIDENCE)
+                events[name] += seen.events
+                with_boxes[name] += bool(seen.detections)
                 calls[name] += 1
             cpu[name] += time.process_time() - started
         index += 1
@@ -88,10 +91,12 @@ def main() -> int:
     lost = missed(lifetimes(events["every frame"]), lifetimes(events["motion gated"]), keepalive)
     print(f"{args.clip}: {index} frames at {fps:g} fps, YOLOv8n fp32 on ONNX Runtime, "
           f"gate {gate.settings}")  # fmt: skip
-    print(f"{'':<14} {'detector calls':>14} {'CPU s':>7} {'objects':>7} {'events':>6}")
+    print(f"{'':<14} {'detector calls':>14} {'CPU s':>7} {'objects':>7} {'events':>6} "
+          f"{'detections msgs':>15}")  # fmt: skip
     for name in scenes:
-        print(f"{name:<14} {calls[name]:>14} {cpu[name]:>7.1f} "
-              f"{len(lifetimes(events[name])):>7} {len(events[name]):>6}")  # fmt: skip
+        objects = len(lifetimes(events[name]))
+        print(f"{name:<14} {calls[name]:>14} {cpu[name]:>7.1f} {objects:>7} "
+              f"{len(events[name]):>6} {with_boxes[name]:>15}")  # fmt: skip
     print(f"gated / every frame: calls {calls['motion gated'] / calls['every frame']:.3f}, "
           f"CPU {cpu['motion gated'] / cpu['every frame']:.3f}; why frames ran: "
           f"{dict(gate.reasons)}")  # fmt: skip

@@ -185,7 +185,8 @@ class Pipeline:
         lanes = {c.name: self._lane_size(c.source) for c in self.cameras}
         self._waiting = FairQueue(lanes, self._aborted)
         # one live camera may drop a waiting tensor for a newer frame; with several cameras
-        # the newest-frame choice is made per camera in its lane, never across cameras
+        # the newest-frame choice is made per camera in its lane, never across cameras, and
+        # two tensors wait for inference so that it never waits for the (niced) preprocess
         self._newest_first = len(self.cameras) == 1 and self.cameras[0].source.live
         ahead = config.live_queue_size if self._newest_first else config.queue_size
         self._to_infer = StageQueue(ahead, self._aborted)
@@ -329,7 +330,7 @@ class Pipeline:
     # -- stages ----------------------------------------------------------------------------
     def _guard(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            if name in ("capture", "preprocess") and self.config.helper_nice:
+            if name.startswith(("capture", "preprocess")) and self.config.helper_nice:
                 lower_thread_priority(self.config.helper_nice)
             try:
                 target()
