@@ -49,10 +49,7 @@ class Telemetry:
             "model": model_ref(self.model().info),
             "fps_in": round((snap["frames_in"] - last_in) / span, 2),
             "fps_out": round((snap["frames_out"] - last_out) / span, 2),
-            "frames": {
-                k: snap[k]
-                for k in ("frames_in", "frames_out", "dropped", "late", "errors", "skipped")
-            },
+            "frames": {k: snap[k] for k in FRAME_COUNTERS},
             "latency_ms": snap["latency_ms"],
             "inference_ms": snap["latency_ms"]["inference"]["p50"],
             "source": {"name": source.name, **source.stats.as_dict()},
