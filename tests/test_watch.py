@@ -39,6 +39,7 @@ def test_watch_once_json_shows_a_running_agents_status_model_and_telemetry(broke
     assert row["model"] == "yolov8n-coco-fp32" and row["precision"] == "fp32"
     assert row["fps_out"] is not None and row["stages_ms"]["inference"]["p50"] > 0
     assert row["outbox_depth"] is not None and row["cpu_percent"] is not None
+    assert list(row["cameras"]) == ["main"] and row["cameras"]["main"]["fps_out"] is not None
 
 
 def test_watch_once_against_a_broker_without_agents_says_so(broker):

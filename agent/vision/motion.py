@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
+
+from agent.config import MotionConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class MotionGate:
     """One camera's gate. Not thread-safe: its camera's preprocess thread only."""
 
     @classmethod
-    def from_config(cls, motion: Any) -> MotionGate | None:
+    def from_config(cls, motion: MotionConfig) -> MotionGate | None:
         """From the config's ``motion`` section; None when gating is off."""
         if not motion.enabled:
             return None
