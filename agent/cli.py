@@ -403,10 +403,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- config ------------------------------------------------------------------------------------
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    print(
-        f"{args.file}: OK (device {config.device_id}, model {config.model.path}, "
-        f"source {config.source.uri})"
-    )
+    if config.cameras:
+        sources = "cameras " + ", ".join(f"{c.name} ({c.uri})" for c in config.cameras)
+    else:
+        sources = f"source {config.source.uri}"
+    print(f"{args.file}: OK (device {config.device_id}, model {config.model.path}, {sources})")
     return EXIT_OK
 
 

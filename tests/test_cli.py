@@ -109,6 +109,17 @@ def test_config_check_names_every_problem(tmp_path):
     assert "detection.colour: unknown key" in result.stderr
 
 
+def test_config_check_names_the_cameras_of_a_multi_camera_file(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "model: {path: m.onnx}\n"
+        "cameras: [{name: gate, uri: 'rtsp://10.0.0.21/s'}, {name: shelf, uri: shelf.mp4}]\n"
+    )
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 0
+    assert "cameras gate (rtsp://10.0.0.21/s), shelf (shelf.mp4)" in result.stdout
+
+
 def test_config_check_accepts_a_good_file_and_show_prints_effective_values(tmp_path):
     path = tmp_path / "agent.yaml"
     path.write_text("device_id: cam-1\nmodel: {path: m.onnx}\n")
