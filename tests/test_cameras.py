@@ -264,6 +264,12 @@ def test_two_cameras_publish_under_their_own_topics(tmp_path, broker, fp32_model
             "edge/dev1/cmd/snapshot/result", where=lambda m: m.json().get("id") == "x"
         ).json()
         assert not refused["ok"] and "garage" in refused["error"] and "carpark" in refused["error"]
+        sub.publish("edge/dev1/carpark/cmd/snapshot", json.dumps({"id": "c", "max_width": 64}))
+        own = sub.wait_topic("edge/dev1/carpark/cmd/snapshot/result").json()
+        assert own["ok"] and own["result"]["camera"] == "carpark" and own["id"] == "c"
+        sub.publish("edge/dev1/carpark/cmd/ping", "{}")
+        device_wide = sub.wait_topic("edge/dev1/carpark/cmd/ping/result").json()
+        assert not device_wide["ok"] and "publish it on cmd/ping" in device_wide["error"]
         sub.publish("edge/dev1/cmd/config/thresholds", json.dumps({"camera": "table",
                                                                   "confidence": 0.7}))  # fmt: skip
         changed = sub.wait_topic("edge/dev1/cmd/config/thresholds/result").json()

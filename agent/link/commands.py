@@ -97,16 +97,28 @@ class CommandRouter:
             return self._error(
                 name, None, "id must be a string or integer of at most 128 characters"
             )
-        entry = self._handlers.get(name)
+        camera, per_camera, command = name.rpartition("/cmd/")
+        if per_camera:  # <camera>/cmd/<command>: the topic names the camera
+            if body.get("camera", camera) != camera:
+                return self._error(name, request_id, f"the topic is camera {camera}'s; the "
+                                   f"payload says camera {body['camera']!r}")  # fmt: skip
+            body["camera"] = camera
+            entry = self._handlers.get(command)
+            if entry is not None and "camera" not in entry[0].model_fields:
+                return self._error(name, request_id, f"{command} is a device command: publish "
+                                   f"it on cmd/{command}")  # fmt: skip
+        else:
+            command = name
+        entry = self._handlers.get(command)
         if entry is None:
             return self._error(
-                name, request_id, f"unknown command {name!r} (known: {', '.join(self.names)})"
+                name, request_id, f"unknown command {command!r} (known: {', '.join(self.names)})"
             )
         arguments_type, handler = entry
         try:
             arguments = arguments_type.model_validate(body)
         except ValidationError as exc:
-            detail = describe_validation_error(exc, f"command {name}").split("\n", 1)[-1]
+            detail = describe_validation_error(exc, f"command {command}").split("\n", 1)[-1]
             return self._error(name, request_id, "invalid arguments:\n" + detail)
         try:
             result = handler(arguments)

@@ -87,14 +87,22 @@ class Topics:
         return self.device("cmd/+")
 
     def command_name(self, topic: str) -> str | None:
-        """``cmd/<name>`` (name may contain one more level, e.g. ``config/thresholds``)."""
-        head = self.device("cmd/")
-        if not topic.startswith(head) or topic.endswith("/result"):
+        """``cmd/<name>`` (name may contain one more level, e.g. ``config/thresholds``); with
+        several cameras also ``<camera>/cmd/<name>``, returned whole (the router splits it)."""
+        if topic.endswith("/result"):
             return None
-        return topic[len(head) :] or None
+        head = self.device("cmd/")
+        if topic.startswith(head):
+            return topic[len(head) :] or None
+        rest = topic[len(self.device("")) :] if topic.startswith(self.device("")) else ""
+        camera, found, name = rest.partition("/cmd/")
+        if self.per_camera and found and camera and "/" not in camera and name:
+            return rest
+        return None
 
     def command_result(self, name: str) -> str:
-        return self.device(f"cmd/{name}/result")
+        """Where a command's reply goes: beside the topic it came on."""
+        return self.device(f"{name}/result" if "/cmd/" in name else f"cmd/{name}/result")
 
 
 def read_password(config: MqttConfig) -> str | None:

@@ -86,7 +86,8 @@ class Link:
             config.device_id,
             will,
             on_command=self.commands.submit,
-            subscriptions=[self.announce_topic] if control is not None else [],
+            subscriptions=([self.announce_topic] if control is not None else [])
+            + ([f"{config.mqtt.prefix}/{config.device_id}/+/cmd/#"] if config.cameras else []),
             on_connected=self._on_connected,
             on_message=self._on_message,
         )
