@@ -184,7 +184,7 @@ def test_a_model_swap_while_three_cameras_run_loses_no_frame(shared, fp32_backen
         ids = [r.frame.frame_id for r in got]
         assert ids == list(range(len(got))), camera.name  # in order, none missing
     counts = [len(results.by_camera[name]) for name in CLIPS]
-    assert sum(counts) == 90 and max(counts) - min(counts) <= 3  # served in turn
+    assert sum(counts) == 90 and max(counts) - min(counts) <= 4  # served in turn (lanes of 2)
     names = {r.model.model_name for got in results.by_camera.values() for r in got}
     assert len(names) == 2  # both models ran, the swap fell between two frames
 

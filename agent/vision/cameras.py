@@ -100,7 +100,3 @@ class FairQueue:
                 if self._ended >= set(self._order):
                     return None
                 self._changed.wait(0.5)
-
-    def waiting(self) -> dict[str, int]:
-        with self._changed:
-            return {name: len(lane) for name, lane in self._lanes.items()}
