@@ -112,14 +112,14 @@ def _class_map(dataset: Dataset, names: dict[int, str]) -> dict[int, int]:
     return {cid: by_name.get(label, -1) for cid, label in dataset.categories.items()}
 
 
-def outputs_map(
+def outputs_matches(
     dataset: Dataset, outputs: list[np.ndarray], boxes: list[Any], names: dict[int, str]
-) -> tuple[float, float]:
-    """mAP50-95 and mAP50 of raw head outputs (one per dataset image, with its letterbox), through
-    the agent's decode: for outputs computed elsewhere (an NPU simulator)."""
+) -> Matches:
+    """Raw head outputs (one per dataset image, with its letterbox) decoded as the agent does and
+    matched to the ground truth: for outputs computed elsewhere (an NPU simulator). Its scores
+    give mAP; two of them on the same images give a paired interval."""
     found = [decode(o, box, EVAL_PARAMS, names) for o, box in zip(outputs, boxes, strict=True)]
-    figures = scores(_matches(dataset, found, names))
-    return figures.map50_95, figures.map50
+    return _matches(dataset, found, names)
 
 
 def agreement(reference: list[list[Detection]], candidate: list[list[Detection]]) -> float:

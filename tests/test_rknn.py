@@ -144,6 +144,9 @@ def test_convert_cli_reports_simulator_map_beside_the_float(rknn_python, fp32_mo
     rows = {r["runtime"].split()[0]: r for r in json.loads(result.stdout)["results"]}
     float_map, npu_map = rows["onnxruntime"]["map50_95"], rows["rk3588"]["map50_95"]
     assert npu_map >= float_map - 0.015, (float_map, npu_map)  # within 1.5 points
+    low, high = rows["rk3588"]["interval_points"]  # paired bootstrap over the 8 images
+    assert low <= rows["rk3588"]["delta_points"] <= high
+    assert rows["rk3588"]["delta_points"] == pytest.approx((npu_map - float_map) * 100, abs=0.01)
     assert out.exists()
 
 

@@ -21,7 +21,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"wrote {done.rknn} for {args.target} ({done.rknn.stat().st_size} bytes)")
     for row in rows:
-        print(f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}")
+        delta = ""
+        if "delta_points" in row:
+            low, high = row["interval_points"]
+            delta = f"  {row['delta_points']:+.2f} pt (95 % {low:+.2f} … {high:+.2f})"
+        print(f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}"
+              + delta)  # fmt: skip
     return EXIT_OK
 
 

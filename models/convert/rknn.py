@@ -220,7 +220,8 @@ def convert_and_compare(
     from agent.config import ModelConfig
     from agent.vision import load_backend
     from models.datasets import load_dataset
-    from models.evaluate import letterboxed, outputs_map
+    from models.evaluate import letterboxed, outputs_matches
+    from models.metrics import paired_difference, scores
 
     reference = load_backend("onnxruntime", model, ModelConfig(path=model))
     try:
@@ -231,14 +232,20 @@ def convert_and_compare(
         rows = []
         if dataset is not None:
             boxes = [box for _, box in items]
+            names = reference.info.class_names
+            matched = []
             for name, runtime, outputs in (
                 (model.name, "onnxruntime fp32", [reference.infer(t) for t in tensors]),
                 (out.name, f"{label} int8 (rknn-toolkit2 simulator)", done.outputs),
             ):
-                map50_95, map50 = outputs_map(dataset, outputs, boxes, reference.info.class_names)
-                rows.append(
-                    {"model": name, "runtime": runtime, "map50_95": map50_95, "map50": map50}
-                )
+                matched.append(outputs_matches(dataset, outputs, boxes, names))
+                figures = scores(matched[-1])
+                rows.append({"model": name, "runtime": runtime, "map50_95": figures.map50_95,
+                             "map50": figures.map50})  # fmt: skip
+            # the paired bootstrap over the images: how sure the drop is, not just its size
+            interval = paired_difference(matched[0], matched[1])
+            rows[1]["delta_points"] = interval.points
+            rows[1]["interval_points"] = [interval.low, interval.high]
     finally:
         reference.close()
     return done, rows
