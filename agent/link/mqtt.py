@@ -185,9 +185,11 @@ class MqttLink:
         subscriptions: list[str] | None = None,
         on_connected: Callable[[], None] | None = None,
         on_message: Callable[[str, bytes], None] | None = None,
+        per_camera: bool = False,
     ) -> None:
+        """``per_camera``: several cameras, each with its own topics (and commands)."""
         self.config = config
-        self.topics = Topics(config.prefix, device_id)
+        self.topics = Topics(config.prefix, device_id, per_camera)
         self.connected = threading.Event()
         self.connects = 0
         self.connect_failures = 0
@@ -200,7 +202,10 @@ class MqttLink:
         self._on_command = on_command
         self._on_connected = on_connected
         self._on_message = on_message
-        self._subscriptions = [self.topics.device("cmd/#"), *(subscriptions or [])]
+        commands = [self.topics.device("cmd/#")]
+        if per_camera:
+            commands.append(self.topics.device("+/cmd/#"))
+        self._subscriptions = [*commands, *(subscriptions or [])]
         client = new_client(config, config.client_id or f"edge-agent-{device_id}")
         client.max_inflight_messages_set(config.inflight)
         # paho's own store, bounded: while acks are stuck, fire-and-forget messages (telemetry,

@@ -8,7 +8,6 @@ are published again; a fleet ``announce`` on the channel's topic nudges the mode
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -86,15 +85,13 @@ class Link:
             config.device_id,
             will,
             on_command=self.commands.submit,
-            subscriptions=([self.announce_topic] if control is not None else [])
-            + ([f"{config.mqtt.prefix}/{config.device_id}/+/cmd/#"] if config.cameras else []),
+            subscriptions=[self.announce_topic] if control is not None else [],
             on_connected=self._on_connected,
             on_message=self._on_message,
+            per_camera=bool(config.cameras),
         )
         self.publisher = Publisher(self.outbox, self.mqtt, mqtt.inflight, mqtt.ack_timeout_s)
-        self.topics = self.mqtt.topics = dataclasses.replace(
-            self.mqtt.topics, per_camera=bool(config.cameras)
-        )
+        self.topics = self.mqtt.topics
         self.sink = MqttSink(
             self.outbox, self.topics, mqtt.qos_detections, config.device_id, session
         )

@@ -165,6 +165,7 @@ class Pipeline:
         if not cameras:
             raise ValueError("a pipeline needs a source or at least one camera")
         self.cameras = list(cameras)
+        self._by_name = {camera.name: camera for camera in self.cameras}
         for camera in self.cameras:
             camera.stats = PipelineStats(config.latency_window)
         self.model = model
@@ -232,10 +233,9 @@ class Pipeline:
         """The named camera (None: the first); KeyError names the cameras there are."""
         if name is None:
             return self.cameras[0]
-        for camera in self.cameras:
-            if camera.name == name:
-                return camera
-        raise KeyError(f"no camera {name!r}; cameras: {', '.join(c.name for c in self.cameras)}")
+        if name not in self._by_name:
+            raise KeyError(f"no camera {name!r}; cameras: {', '.join(self._by_name)}")
+        return self._by_name[name]
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -403,8 +403,7 @@ class Pipeline:
 
     def _preprocess_loop(self) -> None:
         while (waiting := self._waiting.get()) is not None:
-            camera = self.camera(waiting[0]) if len(self.cameras) > 1 else self.cameras[0]
-            frame = waiting[1]
+            camera, frame = self._by_name[waiting[0]], waiting[1]
             if camera.gate is not None and not self._needs_detector(camera, frame):
                 now = time.monotonic()
                 self.stats.mark_skipped(now)

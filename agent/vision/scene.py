@@ -116,6 +116,7 @@ class Scene:
         self.camera = camera
         self.tracker = Tracker(tracker)
         self.zones, self.lines = tuple(zones), tuple(lines)
+        self._zone_names = frozenset(zone.name for zone in self.zones)
         self.score_step, self.zone_frames = score_step, zone_frames
         self._followed: dict[int, _Followed] = {}
         self.crossings: dict[str, Counter[str]] = {line.name: Counter() for line in self.lines}
@@ -235,7 +236,7 @@ class Scene:
         first = state.position is None  # a new object is where it is first seen, no waiting
         for name in inside ^ state.zones:
             state.streaks[name] += 1
-        for name in {z.name for z in self.zones} - (inside ^ state.zones):
+        for name in self._zone_names - (inside ^ state.zones):
             state.streaks.pop(name, None)
         flipped = {n for n, run in state.streaks.items() if first or run >= self.zone_frames}
         for name in flipped:
