@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import yaml
@@ -44,12 +44,43 @@ class UsageError(AgentError):
     """Bad command-line arguments: exit 2 like argparse does."""
 
 
+class JournalFormatter(logging.Formatter):
+    """Lines for journald: a ``<N>`` syslog priority prefix (journald files each line at its
+    level, so ``journalctl -p warning`` works) and no timestamp (the journal keeps its own)."""
+
+    PRIORITIES: ClassVar[dict[int, int]] = {
+        logging.CRITICAL: 2,
+        logging.ERROR: 3,
+        logging.WARNING: 4,
+        logging.INFO: 6,
+    }
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for lvl, p in self.PRIORITIES.items() if record.levelno >= lvl), 7)
+        return f"<{priority}>" + super().format(record).replace("\n", f"\n<{priority}>")
+
+
+def _stderr_is_the_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device:inode of the stream it connected stderr to."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        stat = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if _stderr_is_the_journal():
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def _model_options(args: argparse.Namespace) -> ModelConfig:
