@@ -365,34 +365,3 @@ class Supervisor:
                 self.check()
             except Exception:  # the watchdog itself must never die silently
                 log.exception("watchdog check failed")
-
-
-def read_health(path: Path, max_age_s: float) -> tuple[bool, str]:
-    """For ``edge-agent health``: (healthy, one-line reason)."""
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return (
-            False,
-            f"no health file at {path}: the agent is not running (or runs with another state_dir)",
-        )
-    except (OSError, ValueError) as exc:
-        return False, f"cannot read {path}: {exc}"
-    age = time.time() - float(record.get("timestamp", 0))
-    pid = int(record.get("pid", 0))
-    try:
-        os.kill(pid, 0)
-        alive = True
-    except ProcessLookupError:
-        alive = False
-    except PermissionError:
-        alive = True  # exists, owned by another user (the service account)
-    if not alive:
-        return False, f"agent process {pid} is not running"
-    if age > max_age_s:
-        return False, f"no heartbeat for {age:.0f} s (the agent is hung)"
-    if not record.get("ready"):
-        return False, "starting: no frame processed yet"
-    if not record.get("healthy"):
-        return False, "unhealthy: " + "; ".join(record.get("faults") or ["unknown fault"])
-    return True, "healthy: " + record.get("status", "")

@@ -19,6 +19,7 @@ from agent.contract.errors import AgentError
 
 UNIT = "edge-agent.service"
 USER = "edge-agent"
+DEVICE_GROUPS = ("video", "render")  # cameras (V4L2) and GPU/NPU render nodes
 
 
 class ServiceError(AgentError):
@@ -60,6 +61,11 @@ def _shipped(name: str) -> str:
 
 
 def _executable() -> str:
+    """The edge-agent that runs this install: the script beside this Python (a venv's bin, which
+    is rarely on root's PATH), else the one on PATH, else this Python with the module."""
+    beside = Path(sys.executable).parent / "edge-agent"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     found = shutil.which("edge-agent")
     return found or f"{sys.executable} -m agent.cli"
 
@@ -137,10 +143,17 @@ def install(root: Path = Path("/"), dry_run: bool = False, enable: bool = True) 
         USER,
         check=False,
     )
-    steps.run("usermod", "-aG", "video,render", USER, check=False)
+    # the unit's SupplementaryGroups: systemd refuses to start it (216/GROUP) if one is missing,
+    # and a minimal image without udev has no render group
+    for group in DEVICE_GROUPS:
+        steps.run("groupadd", "--system", "--force", group)
+    steps.run("usermod", "-aG", ",".join(DEVICE_GROUPS), USER)
     steps.mkdir(layout.state_dir)
     steps.run("chown", f"{USER}:{USER}", "/var/lib/edge-agent")
     steps.write(layout.config, _shipped("agent.example.yaml"), 0o640, keep_existing=True)
+    # the service reads it as edge-agent: root owns it, the group may read it
+    steps.run("chgrp", USER, "/etc/edge-agent/agent.yaml")
+    steps.run("chmod", "g+r", "/etc/edge-agent/agent.yaml")
     steps.write(
         layout.env_file,
         "# secrets for edge-agent, e.g.\n# EDGE_AGENT_MQTT__PASSWORD=...\n",
