@@ -10,6 +10,11 @@ fi
 bash "$ROOT/scripts/setup-aarch64.sh" >/dev/null
 # the RK3588 conversion environment (rknn-toolkit2 and its simulator), cached
 bash "$ROOT/scripts/setup-rknn.sh" >/dev/null
+# the device images (Debian bookworm with systemd: arm64 under qemu, amd64) and the container
+# images' local base, cached; tests/device boots them
+bash "$ROOT/scripts/setup-device-image.sh" arm64 >/dev/null
+bash "$ROOT/scripts/setup-device-image.sh" amd64 >/dev/null
+bash "$ROOT/scripts/setup-container-base.sh" arm64 >/dev/null
 # the training environment (torch, torch-pruning, onnx2torch: edge-models prune / distill), cached
 TRAIN_PYTHON="$(bash "$ROOT/scripts/setup-train.sh")"
 log "ruff"
