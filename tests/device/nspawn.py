@@ -36,6 +36,11 @@ ARM_CPUINFO = (
 )
 
 
+def arm_cpuinfo() -> str:
+    """ARM_CPUINFO for each of this host's cores (qemu runs the guest's threads on them)."""
+    return "".join(ARM_CPUINFO.format(n=n) for n in range(os.cpu_count() or 1))
+
+
 class DeviceError(AssertionError):
     """The device did not do what was asked; the message carries its own account."""
 
@@ -84,9 +89,7 @@ class Device:
         if self.emulated:  # nspawn binds folders only: the file goes over /proc/cpuinfo at boot
             emulation = workdir / "emulation"
             emulation.mkdir(exist_ok=True)
-            cpus = os.cpu_count() or 1
-            text = "".join(ARM_CPUINFO.format(n=n) for n in range(cpus))
-            (emulation / "cpuinfo").write_text(text)
+            (emulation / "cpuinfo").write_text(arm_cpuinfo())
             self.binds[emulation] = "/run/emulation"
 
     # -- lifecycle -------------------------------------------------------------------------------

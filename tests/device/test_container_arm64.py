@@ -16,7 +16,7 @@ import yaml
 from tests.brokers import Subscriber
 from tests.conftest import wait_until
 from tests.device.conftest import ROOT, board_config, emulated
-from tests.device.nspawn import ARM_CPUINFO, EMULATED_CPU
+from tests.device.nspawn import EMULATED_CPU, arm_cpuinfo
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_the_arm64_image_runs_detects_reports_healthy_and_stops_cleanly(
     etc.mkdir()
     (etc / "agent.yaml").write_text(yaml.safe_dump(config))
     cpuinfo = tmp_path / "cpuinfo"  # what an ARM kernel shows; qemu shows the host's
-    cpuinfo.write_text("".join(ARM_CPUINFO.format(n=n) for n in range(2)))
+    cpuinfo.write_text(arm_cpuinfo())
     name = f"edge-agent-test-{uuid.uuid4().hex[:8]}"
     sub = Subscriber(broker.port, ["edge/#"]).start()
     prefix = "edge/container-arm64"
