@@ -84,8 +84,18 @@ class ModelResult:
         return asdict(self)
 
 
+def model_bytes(path: Path) -> int:
+    """The file's size; an OpenVINO IR's with its weights (``.bin``)."""
+    weights = path.with_suffix(".bin")
+    extra = weights.stat().st_size if path.suffix.lower() == ".xml" and weights.is_file() else 0
+    return path.stat().st_size + extra
+
+
 def count_parameters(path: Path) -> int:
-    """Weights and biases of every weighted operator, also those behind a DequantizeLinear."""
+    """Weights and biases of every weighted operator, also those behind a DequantizeLinear (an
+    OpenVINO IR's: behind its FakeQuantize or decompression)."""
+    if path.suffix.lower() == ".xml":
+        return _ir_parameters(path)
     model = onnx.load(str(path), load_external_data=False)
     initializers = {t.name: int(np.prod(t.dims)) if t.dims else 1 for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -101,6 +111,41 @@ def count_parameters(path: Path) -> int:
             if name in initializers and name not in seen and initializers[name] > 1:
                 seen.add(name)
                 total += initializers[name]
+    return total
+
+
+def _unrecorded_scheme(path: Path, backend: Backend) -> str:
+    """What a model says of its quantization when no recipe of ours is recorded in it."""
+    if backend.info.precision != "int8":
+        return "float"
+    return "IR int8" if path.suffix.lower() == ".xml" else "dynamic"
+
+
+def _ir_parameters(path: Path) -> int:
+    import openvino as ov
+
+    def constant_behind(node: Any) -> Any:
+        while node.get_type_name() != "Constant" and node.get_input_size() > 0:
+            node = node.input_value(0).get_node()
+        return node if node.get_type_name() == "Constant" else None
+
+    weighted = ("Convolution", "GroupConvolution", "MatMul")
+    seen: set[str] = set()
+    total = 0
+    for op in ov.Core().read_model(str(path)).get_ops():
+        kind = op.get_type_name()
+        if kind in weighted:
+            source = constant_behind(op.input_value(1).get_node())
+        elif kind == "Add" and op.input_value(0).get_node().get_type_name() in weighted:
+            source = constant_behind(op.input_value(1).get_node())  # a bias
+        else:
+            continue
+        if source is None or source.get_friendly_name() in seen:
+            continue
+        size = int(np.prod(list(source.get_output_shape(0))))
+        if size > 1:
+            seen.add(source.get_friendly_name())
+            total += size
     return total
 
 
@@ -290,10 +335,8 @@ def evaluate(
                     path=str(path),
                     name=path.name,
                     precision=backend.info.precision,
-                    scheme=quantization.get(
-                        "scheme", "dynamic" if backend.info.precision == "int8" else "float"
-                    ),
-                    size_bytes=path.stat().st_size,
+                    scheme=quantization.get("scheme", _unrecorded_scheme(path, backend)),
+                    size_bytes=model_bytes(path),
                     parameters=count_parameters(path),
                     map50_95=figures.map50_95,
                     map50=figures.map50,

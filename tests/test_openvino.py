@@ -124,6 +124,40 @@ def test_a_broken_model_file_is_named(tmp_path):
         openvino(broken)
 
 
+def test_an_openvino_ir_loads_with_the_onnx_metadata_and_computes_the_same(tmp_path, fp32_model):
+    import numpy as np
+    import openvino as ov
+
+    from agent.vision.backends.openvino import read_onnx
+
+    ir = tmp_path / "yolov8n.xml"
+    ov.save_model(read_onnx(fp32_model), str(ir), compress_to_fp16=False)
+    from_ir, from_onnx = openvino(ir), openvino(fp32_model)
+    assert from_ir.info.class_names == from_onnx.info.class_names
+    assert from_ir.info.input_shape == from_onnx.info.input_shape
+    assert from_ir.info.metadata == from_onnx.info.metadata and from_ir.info.metadata
+    assert from_ir.info.precision == "fp32"
+    tensor = np.random.default_rng(0).random(from_ir.info.input_shape, dtype=np.float32)
+    np.testing.assert_allclose(from_ir.infer(tensor), from_onnx.infer(tensor), atol=1e-4)
+    # evaluate's size and parameter columns read an IR too (weights behind any decompression)
+    from models.evaluate import count_parameters, model_bytes
+
+    assert count_parameters(ir) == count_parameters(fp32_model) > 3_000_000
+    assert model_bytes(ir) == ir.stat().st_size + ir.with_suffix(".bin").stat().st_size
+
+
+def test_an_ir_without_its_weights_is_named(tmp_path, fp32_model):
+    import openvino as ov
+
+    from agent.vision.backends.openvino import read_onnx
+
+    ir = tmp_path / "yolov8n.xml"
+    ov.save_model(read_onnx(fp32_model), str(ir), compress_to_fp16=False)
+    ir.with_suffix(".bin").unlink()
+    with pytest.raises(ModelError, match=r"yolov8n\.xml: its weights yolov8n\.bin are not beside"):
+        openvino(ir)
+
+
 def openvino_config(tmp_path, model, video, openvino=None):
     path = agent_config(tmp_path, model, {"uri": str(video)})
     data = yaml.safe_load(path.read_text())

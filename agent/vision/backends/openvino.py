@@ -1,9 +1,13 @@
-"""OpenVINO backend: our ONNX models (QDQ INT8 included) on Intel CPUs, GPUs and NPUs.
+"""OpenVINO backend: our ONNX models (QDQ INT8 included), or OpenVINO IR, on Intel CPUs, GPUs and
+NPUs.
 
 OpenVINO reads the ONNX file itself (a QDQ model becomes FakeQuantize operations that its CPU
 plugin runs as integer kernels), so the factory ships one file for both runtimes and a device
 chooses by config: ``model.backend: openvino`` with ``model.openvino.device`` and
-``performance_hint``. The output goes through the same decode and NMS as every backend.
+``performance_hint``. An IR (``model.xml`` + ``model.bin``, as ``ov.save_model`` or NNCF write
+it) loads too, with the metadata of the ONNX it came from (OpenVINO keeps it in rt_info); the
+factory still ships ONNX, one file through the OTA channel, and the compiled-model cache spares
+later starts the conversion. The output goes through the same decode and NMS as every backend.
 Imported only when that backend is asked for: the agent installs and runs without openvino.
 """
 
@@ -43,6 +47,24 @@ def check_device(device: str, available: list[str]) -> None:
             f"OpenVINO device {missing[0]!r} is not available here "
             f"(have: {', '.join(available) or 'none'})"
         )
+
+
+def read_model_file(core: Any, path: Path) -> Any:
+    """An OpenVINO IR (``model.xml`` with its ``model.bin`` beside it: what ``ov.save_model``
+    and NNCF write) or an ONNX file.
+
+    Raises:
+        ModelError: a missing ``.bin``, an IR OpenVINO cannot read, or a bad ONNX file.
+    """
+    if path.suffix.lower() != ".xml":
+        return read_onnx(path)
+    weights = path.with_suffix(".bin")
+    if not weights.is_file():
+        raise ModelError(f"cannot load model {path}: its weights {weights.name} are not beside it")
+    try:
+        return core.read_model(str(path), str(weights))
+    except Exception as exc:
+        raise ModelError(f"cannot load model {path} in OpenVINO: {_first(exc)}") from None
 
 
 def read_onnx(path: Path) -> Any:
@@ -99,7 +121,7 @@ class OpenVinoBackend:
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(cache_dir)})
-        model = read_onnx(path)
+        model = read_model_file(core, path)
         metadata = _metadata(model)
         if len(model.inputs) != 1:
             raise ModelError(f"{path}: expected one image input, got {len(model.inputs)} inputs")
