@@ -113,7 +113,8 @@ def gate_model(
     """Evaluate ``candidate`` (and ``reference``, unless it is a stored .json result) on
     ``data`` and judge it. The candidate runs on ``runner`` (its target's kernels; default this
     machine's); the float reference runs here, where float kernels compute what they do anywhere.
-    Latency is only judged when both were timed in the same run on this machine's kernels."""
+    Latency is only judged when both were timed in the same run on this machine's kernels. A
+    runner with a runtime of its own (OpenVINO) runs both there: its float kernels are its own."""
     from models.datasets import load_dataset
     from models.evaluate import evaluate
 
@@ -121,7 +122,11 @@ def gate_model(
     stored = reference.suffix == ".json"
     models = [candidate] if stored else [reference, candidate]
     runners = [runner] if stored else [None, runner]
-    results = evaluate(models, dataset, latency_rounds=rounds, runners=runners, resamples=resamples)
+    runtime = getattr(runner, "runtime", "onnxruntime")
+    if runtime != "onnxruntime":  # a runtime of its own: both run there, natively, both timed
+        runners = [None] * len(models)
+    results = evaluate(models, dataset, latency_rounds=rounds, runners=runners, resamples=resamples,
+                       runtimes=[runtime] * len(models))  # fmt: skip
     reference_result = stored_reference(reference) if stored else results[0].to_dict()
     timed = not stored and (runner is None or runner.measures_speed)
     limits = GateLimits(
@@ -129,7 +134,8 @@ def gate_model(
         max_latency_ratio=max_latency_ratio if timed else None,
     )
     result = check(results[-1].to_dict(), reference_result, limits)
-    result.checks["kernels"] = results[-1].kernels
+    own_runtime = runtime != "onnxruntime"
+    result.checks["kernels"] = runner.describe() if own_runtime else results[-1].kernels
     result.checks["images"] = len(dataset.samples)
     interval = results[-1].map_difference
     if interval is not None:

@@ -9,6 +9,8 @@ The same INT8 file computes different numbers on different CPUs (see
 - ``cpu-x86_64`` on a VNNI machine: this machine's own ONNX Runtime under ``qemu-x86_64 -cpu
   Haswell`` (AVX2 without VNNI, so MLAS picks the same kernels a plain AVX2 CPU runs, bit for
   bit); accuracy only;
+- ``openvino``: OpenVINO's CPU plugin in this process (any x86-64 machine with openvino
+  installed; speed is measured against the float model in OpenVINO);
 - anything else (a VNNI target on a machine without VNNI, Jetson, RK3588): refused with a message
   that says what would verify it.
 
@@ -78,6 +80,38 @@ class NativeRunner:
         from agent.vision import load_backend
 
         backend = load_backend("onnxruntime", model, ModelConfig(path=model))
+        try:
+            return [backend.infer(t) for t in tensors]
+        finally:
+            backend.close()
+
+
+@dataclass
+class OpenVinoRunner:
+    """OpenVINO's CPU plugin in this process: the ``openvino`` target's kernels (oneDNN), which
+    compute other int8 numbers than ONNX Runtime's on the same file. The gate runs the float
+    reference in OpenVINO too, so the latency ratio compares one runtime with itself."""
+
+    target: str
+    host: Detected
+    measures_speed: bool = True
+    runtime: str = "openvino"
+
+    def describe(self) -> str:
+        import openvino
+
+        version = openvino.get_version().split("-")[0]
+        return f"native: OpenVINO {version} CPU on {self.host.describe()}"
+
+    def run(
+        self, model: Path, tensors: list[np.ndarray], loaded: Backend | None = None
+    ) -> list[np.ndarray]:
+        if loaded is not None and loaded.info.backend == "openvino":
+            return [loaded.infer(t) for t in tensors]
+        from agent.config import ModelConfig
+        from agent.vision import load_backend
+
+        backend = load_backend("openvino", model, ModelConfig(path=model, backend="openvino"))
         try:
             return [backend.infer(t) for t in tensors]
         finally:
@@ -220,6 +254,22 @@ def _avx2_runner() -> EmulatedRunner:
     return EmulatedRunner("cpu-x86_64", qemu, "Haswell", Path(sys.executable))
 
 
+def _openvino_runner(target: str, host: Detected) -> OpenVinoRunner:
+    if host.arch != "x86_64":
+        raise UnverifiableTarget(
+            f"cannot verify {target} here: its models are checked on OpenVINO's x86-64 CPU "
+            f"kernels and this machine is {host.describe()}"
+        )
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise UnverifiableTarget(
+            f"verifying {target} runs the model in OpenVINO, which is not installed here: "
+            "pip install 'edge-agent[openvino]' (or pass --unverified-target)"
+        ) from None
+    return OpenVinoRunner(target, host)
+
+
 def runner_for(target: str, host: Detected | None = None) -> KernelRunner:
     """How this machine runs ``target``'s kernels.
 
@@ -234,6 +284,8 @@ def runner_for(target: str, host: Detected | None = None) -> KernelRunner:
             "--calib DIR`, which converts, gates and ships one build"
         )
     host = host or targets.detect()
+    if known_target(target).runtime == "openvino":
+        return _openvino_runner(target, host)
     if target == host.target:
         return NativeRunner(target, host)
     if target == "cpu-aarch64":

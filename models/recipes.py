@@ -16,6 +16,10 @@ target (reasons first measured on coco8 on an AVX2-only x86 CPU; docs/performanc
   without saturation; S8S8 is its documented default and the symmetric form accelerators read.
 - ``jetson-*`` (TensorRT): S8S8 with symmetric activations (zero point 0), per-channel weights:
   TensorRT's explicit quantization takes exactly that.
+- ``openvino``: the same U8S8 with a 7-bit first convolution as ``cpu-x86_64``. OpenVINO reads
+  the QDQ ONNX itself and runs it on oneDNN, whose int8 kernels without VNNI pair-sum in 16 bits
+  like ONNX Runtime's (oneDNN's documentation advises 7-bit weights there); its fallback is
+  ``cpu-x86_64``, so one file is right on any x86 CPU it lands on.
 - ``rk3588``: the NPU quantizes in rknn-toolkit2, not here.
 """
 
@@ -29,6 +33,7 @@ _RECIPES = {
     "cpu-x86_64": dict(activations="uint8", reduce_range="first"),
     "cpu-x86_64-vnni": dict(activations="uint8"),
     "cpu-aarch64": dict(activations="int8"),
+    "openvino": dict(activations="uint8", reduce_range="first"),
 }
 _TENSORRT = dict(activations="int8", symmetric_activations=True)
 

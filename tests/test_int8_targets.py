@@ -171,6 +171,41 @@ def test_publish_for_aarch64_gates_on_the_aarch64_kernels_and_says_so(
     assert "qemu-aarch64" in descriptor["golden"]["recorded_on"]
 
 
+def test_publish_for_openvino_gates_in_openvino_and_says_so(tmp_path, fp32_model, calib, shared):
+    """The ``openvino`` target: our QDQ file, judged on OpenVINO's own kernels, the float
+    reference timed there too (so the latency ratio compares OpenVINO with itself)."""
+    from tests.conftest import quantized_for
+
+    if HOST.arch != "x86_64":
+        pytest.fail(f"the openvino target is verified on x86-64; this host is {HOST.arch}")
+    (tmp_path / "q").mkdir()
+    model = quantized_for("openvino", fp32_model, calib, tmp_path / "q")
+    recipe = json.loads(metadata(model)["quantization"])
+    assert (recipe["scheme"], recipe["reduce_range"]) == ("U8S8", "first")
+    keys, channel = new_channel(tmp_path)
+    # coco8's 8 images judge the plumbing, not the accuracy (its interval spans about 10
+    # points; the drop on voc2007-val is in docs/performance.md): a 3-point limit
+    gate = GateSettings(fp32_model, shared / "datasets" / "coco8", max_map_drop=3.0, rounds=3)
+    request = ReleaseRequest(channel, keys, model, "2.0.0", name="yolov8n-coco",
+                             golden_images=tuple(photos(shared)), gate=gate)  # fmt: skip
+    published = release(request)
+    assert isinstance(published, Published) and published.target == "openvino", published
+    descriptor = first_descriptor(channel, keys, "openvino")
+    checks = descriptor["gate"]["checks"]
+    assert descriptor["gate"]["passed"] and descriptor["gate"]["target"] == "openvino"
+    assert descriptor["gate"]["kernels"].startswith("native: OpenVINO")
+    assert "latency_ratio" in checks and checks["map50_95_drop_points"] <= 3.0
+    assert "OpenVINO" in descriptor["golden"]["recorded_on"]
+
+
+def test_the_openvino_target_is_refused_off_x86_with_what_would_verify_it():
+    from models.kernels import UnverifiableTarget
+
+    arm = targets.Detected("cpu-aarch64", "aarch64", "Cortex-A76", ())
+    with pytest.raises(UnverifiableTarget, match="OpenVINO's x86-64 CPU kernels"):
+        runner_for("openvino", arm)
+
+
 def test_unverifiable_targets_and_missing_emulation_are_one_line_errors_that_publish_nothing(
     tmp_path, u8s8_model, aarch64_model, fp32_model, shared
 ):

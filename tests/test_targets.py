@@ -82,6 +82,8 @@ def test_an_rk3588_board_is_found_by_its_device_tree(tmp_path):
         ("jetson-orin", "tensorrt", "jetson-orin"),
         ("jetson-orin", "onnxruntime", "cpu-aarch64"),
         ("cpu-x86_64-vnni", "openvino", "cpu-x86_64-vnni"),  # CPU targets: any CPU backend
+        ("cpu-x86_64", "openvino", "openvino"),  # then cpu-x86_64: never fewer variants
+        ("cpu-x86_64", "onnxruntime", "cpu-x86_64"),
         ("cpu-riscv64", "onnxruntime", "cpu-riscv64"),
     ],
 )
@@ -98,6 +100,8 @@ def test_fallbacks_are_safe_only():
     assert targets.preferences("cpu-x86_64-vnni") == ["cpu-x86_64-vnni", "cpu-x86_64"]
     assert targets.preferences("cpu-x86_64") == ["cpu-x86_64"]  # never a VNNI model
     assert targets.preferences("cpu-aarch64") == ["cpu-aarch64"]
+    # OpenVINO's CPU kernels without VNNI saturate like ONNX Runtime's: the 7-bit first layer
+    assert targets.preferences("openvino") == ["openvino", "cpu-x86_64"]
     assert targets.preferences("cpu-riscv64") == ["cpu-riscv64"]
     with pytest.raises(targets.UnknownTarget, match="known: cpu-x86_64"):
         targets.get("cpu-x86")

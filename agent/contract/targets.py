@@ -53,6 +53,13 @@ TARGETS: dict[str, Target] = {
             "jetson-tx2", "aarch64", "NVIDIA Jetson TX2 (TensorRT)", ("cpu-aarch64",), "tensorrt"
         ),
         Target("rk3588", "aarch64", "Rockchip RK3588 NPU (RKNN)", ("cpu-aarch64",), "rknn"),
+        Target(
+            "openvino",
+            "x86_64",
+            "x86-64 through OpenVINO (model.backend: openvino): its own CPU kernels",
+            ("cpu-x86_64",),
+            "openvino",
+        ),
     )
 }
 
@@ -99,7 +106,12 @@ def preferences(target: str) -> list[str]:
 
 def for_backend(target: str, backend: str) -> str:
     """The models a device follows with ``backend``: an accelerator's own only when that backend
-    is the one its models need (an RK3588 board running ONNX Runtime takes CPU models)."""
+    is the one its models need (an RK3588 board running ONNX Runtime takes CPU models). A plain
+    x86-64 machine on OpenVINO follows ``openvino`` (whose fallback is its own ``cpu-x86_64``); a
+    VNNI one keeps its ``cpu-x86_64-vnni`` models unless ``ota.target`` says ``openvino`` (that
+    target's fallback is not VNNI: it would take fewer variants than before)."""
+    if target == "cpu-x86_64" and backend == "openvino":
+        return "openvino"
     known = TARGETS.get(target)
     if known is None or known.runtime in (None, backend) or not known.fallbacks:
         return target
