@@ -16,7 +16,7 @@ Run it with the training environment's Python (torch): `$(bash scripts/setup-tra
 benchmarks/optimize.py`. About --steps x 1.2 s a ratio at 640 px on the 2-core AMD EPYC.
 
 Usage: python benchmarks/optimize.py [--ratios 0.1,0.2,0.3,0.4] [--steps 2400] [--size 640]
-       [--rounds 40] [--report DIR] [--data DIR] [--frames DIR]
+       [--lr 1e-4] [--rounds 40] [--report DIR] [--data DIR] [--frames DIR]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2400, help="recovery steps a ratio (2400)")
     parser.add_argument("--size", type=int, default=640, help="training input size (640)")
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (1e-4)")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved latency rounds")
     parser.add_argument("--data", type=Path, help="evaluation set (default: voc2007-val)")
     parser.add_argument("--frames", type=Path, help="recovery frames (default: voc2007-train)")
@@ -69,7 +70,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edge-curve-") as tmp:
         work = args.report / "models" if args.report else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        common = ["--frames", frames, "--data", data, "--size", args.size, "--overwrite"]
+        common = ["--frames", frames, "--data", data, "--size", args.size, "--lr", args.lr,
+                  "--overwrite"]  # fmt: skip
         models, seconds = [fp32], {}
         ptq = work / "ptq.onnx"
         cli("quantize", "--model", fp32, "--frames", frames, "--data", data, "--out", ptq,
@@ -93,7 +95,8 @@ def main() -> int:
             write_report(results, dataset, args.report, __doc__ or "")
     print(table(results))
     print(f"\nCPU: {host.describe()}; recovery {args.steps} steps at {args.size} px in "
-          f"{args.stages} stages on {frames.name}, on this CPU")  # fmt: skip
+          f"{args.stages} stages, peak learning rate {args.lr:g}, on {frames.name}, on this "
+          "CPU")  # fmt: skip
     reference = results[0]
     for ratio in ratios:
         final = next(r for r in results if r.name.startswith(f"prune{round(ratio * 100)}+distill+"))

@@ -93,6 +93,19 @@ def test_a_ratio_out_of_range_is_refused_before_anything_runs(ratio, fp32_model,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["prune", "distill"])
+@pytest.mark.parametrize("lr", ["0", "-0.001", "nan", "2"])
+def test_a_learning_rate_out_of_range_is_refused_before_anything_runs(
+    command, lr, fp32_model, shared, tmp_path
+):
+    out = tmp_path / "p.onnx"
+    models = (["--model", fp32_model, "--ratio", "0.2"] if command == "prune"
+              else ["--teacher", fp32_model, "--student", fp32_model])  # fmt: skip
+    result = models_cli(command, *models, "--lr", lr, "--frames", shared / "images", "--out", out)
+    one_line_error(result, f"--lr {lr} is out of range: 0 < lr < 1")
+    assert not out.exists()
+
+
 def test_qat_for_a_target_the_quantizer_does_not_make_is_refused(fp32_model, shared, tmp_path):
     out = tmp_path / "q.onnx"
     result = models_cli("qat", "--model", fp32_model, "--target", "rk3588",

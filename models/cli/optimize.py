@@ -23,17 +23,18 @@ def _in_train_env(args: argparse.Namespace) -> int | None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from models.optimize.checks import check_ratio, check_schedule
+    from models.optimize.checks import check_learning_rate, check_ratio, check_schedule
 
     check_ratio(args.ratio)  # before anything heavy, here or there
     check_schedule(args.steps, args.stages, args.round_to)
+    check_learning_rate(args.lr)
     elsewhere = _in_train_env(args)
     if elsewhere is not None:
         return elsewhere
     from models.optimize.runs import prune_model
 
     record = prune_model(args.model, args.out, args.ratio, args.frames, args.steps, args.round_to,
-                         args.stages, args.size, args.data, args.overwrite,
+                         args.stages, args.size, args.data, args.overwrite, lr=args.lr,
                          checkpoint_s=args.checkpoint_every, device=args.device)  # fmt: skip
     params0, params1 = record["params"]
     print(
@@ -46,15 +47,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from models.optimize.checks import check_learning_rate
+
     if args.steps < 1:
         raise FactoryError("--steps must be >= 1")
+    check_learning_rate(args.lr)
     elsewhere = _in_train_env(args)
     if elsewhere is not None:
         return elsewhere
     from models.optimize.runs import distill_model
 
     record = distill_model(args.teacher, args.student, args.out, args.frames, args.steps,
-                           args.size, args.data, args.overwrite,
+                           args.size, args.data, args.overwrite, lr=args.lr,
                            checkpoint_s=args.checkpoint_every, device=args.device)  # fmt: skip
     print(f"wrote {args.out}: {record['steps']} step(s), loss {record['loss'][0]} -> "
           f"{record['loss'][1]} ({record['seconds']} s)")  # fmt: skip
@@ -134,6 +138,13 @@ def recovery_arguments(parser: argparse.ArgumentParser) -> None:
     device_argument(parser)
 
 
+def learning_rate_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lr", type=float, default=1e-4,
+        help="peak learning rate of the distillation (1e-4; warm-up, then a cosine to a tenth)",
+    )  # fmt: skip
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser(
         "prune",
@@ -147,12 +158,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of N")
     recovery_arguments(pr)
     pr.add_argument("--stages", type=int, default=3, help="prune in this many steps (3)")
+    learning_rate_argument(pr)
     pr.set_defaults(func=cmd_prune)
 
     di = sub.add_parser("distill", help="distil a teacher into a student of the same head")
     di.add_argument("--teacher", type=Path, required=True)
     di.add_argument("--student", type=Path, required=True)
     recovery_arguments(di)
+    learning_rate_argument(di)
     di.set_defaults(func=cmd_distill)
 
     qa = sub.add_parser(
