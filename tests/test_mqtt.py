@@ -187,6 +187,24 @@ def test_broker_outage_of_30_s_loses_no_detection(tmp_path, fp32_model, looping)
     assert len(during) >= 30 and max(during) - min(during) > 25
     assert [frame for _, frame in got] == expected
     assert len({session for session, _ in got}) == 1
+    # 30 s of reconnect attempts: paho's "Client is not connected" is not an error a second
+    assert "Client is not connected" not in agent.log(), agent.log()
+
+
+def test_paho_while_disconnected_is_debug_not_error(caplog):
+    import logging
+
+    from agent.config import MqttConfig
+    from agent.link.mqtt import new_client
+
+    client = new_client(MqttConfig(), "never-connected")
+    with caplog.at_level(logging.INFO):
+        client.loop(timeout=0.01)  # no socket: paho logs at ERROR
+    assert not [r for r in caplog.records if r.name == "paho"], caplog.text
+    with caplog.at_level(logging.DEBUG, logger="paho"):
+        client.loop(timeout=0.01)
+    quiet = [r for r in caplog.records if "Client is not connected" in r.getMessage()]
+    assert quiet and {r.levelname for r in quiet} == {"DEBUG"}
 
 
 def test_outbox_is_replayed_in_order_after_an_agent_restart(tmp_path, fp32_model, bus_video):

@@ -124,6 +124,24 @@ def _check_readable(path: Path | None, field: str) -> None:
         raise ConfigError(f"mqtt.tls.{field}: file not found: {path}")
 
 
+class PahoWhileDisconnected(logging.Filter):
+    """paho logs ``Client is not connected`` at ERROR on every pass of its loop while the broker
+    is away (each reconnect attempt): an error-priority line a second in the journal for a state
+    the link already reports once. Those lines become DEBUG (shown with ``--log-level debug``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.levelno >= logging.ERROR and message.startswith("Client is not connected"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+PAHO_LOG = logging.getLogger("paho")
+if not any(isinstance(f, PahoWhileDisconnected) for f in PAHO_LOG.filters):
+    PAHO_LOG.addFilter(PahoWhileDisconnected())
+
+
 def new_client(config: MqttConfig, client_id: str) -> paho.Client:
     """A paho client with the protocol, credentials and TLS of ``config`` (agent and watch alike).
 
@@ -139,7 +157,7 @@ def new_client(config: MqttConfig, client_id: str) -> paho.Client:
     if protocol == paho.MQTTv311:
         kwargs["clean_session"] = True
     client = paho.Client(**kwargs)
-    client.enable_logger(logging.getLogger("paho"))
+    client.enable_logger(PAHO_LOG)
     if config.username is not None:
         client.username_pw_set(config.username, read_password(config))
     if config.tls is not None:
