@@ -79,6 +79,7 @@ class ModelResult:
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     # vs the first model: mAP50-95 difference in points with its paired bootstrap 95 % interval
     map_difference: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)  # what a reader must know to trust it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +113,34 @@ def count_parameters(path: Path) -> int:
                 seen.add(name)
                 total += initializers[name]
     return total
+
+
+def unseen_classes(name: str, metadata: dict[str, str], evaluated: list[str]) -> list[str]:
+    """Warnings for a model recovered by distillation (a ``pruning`` or ``distillation`` record
+    with ``frame_classes``, see ``models.optimize.seen``) that is evaluated on classes none of its
+    sampled recovery frames showed: its AP on them was never recovered."""
+    warnings = []
+    for key in ("pruning", "distillation"):
+        try:
+            record = json.loads(metadata.get(key) or "null")
+        except ValueError:
+            continue
+        seen = record.get("frame_classes") if isinstance(record, dict) else None
+        if not isinstance(seen, dict):
+            continue
+        frames_with = seen.get("frames_with") or {}
+        missing = [c for c in evaluated if c in frames_with and not frames_with[c]]
+        if missing:
+            shown = ", ".join(missing[:8]) + (
+                f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            )
+            warnings.append(
+                f"{name}: its {key} recovery frames show no {shown} (the teacher finds none in "
+                f"{seen.get('sampled')} sampled frames at {seen.get('threshold')}): its AP on "
+                f"{'them' if len(missing) > 1 else 'it'} was not recovered; judge it on the "
+                "classes its cameras see"
+            )
+    return warnings
 
 
 def _unrecorded_scheme(path: Path, backend: Backend) -> str:
@@ -365,6 +394,11 @@ def evaluate(
                         for c, (ap, ap50, boxes) in sorted(figures.per_class.items())
                     },
                     map_difference=None if interval is None else asdict(interval),
+                    warnings=unseen_classes(
+                        path.name,
+                        backend.info.metadata,
+                        [names.get(c, str(c)) for c in sorted(figures.per_class)],
+                    ),
                 )
             )
             if reference is None:

@@ -93,6 +93,8 @@ def write_report(
         "",
         table(results),
         "",
+        *[f"**Warning**: {w}" for r in results for w in r.warnings],
+        *([""] if any(r.warnings for r in results) else []),
         "## AP50-95 per class",
         "",
         per_class_table(results),

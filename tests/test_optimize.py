@@ -154,7 +154,33 @@ def test_prune_then_distill_end_to_end(train_python, fp32_model, shared, tmp_pat
         "--steps", "3", "--out", distilled,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "distillation" in {p.key for p in onnx.load(str(distilled)).metadata_props}
+    metadata = {p.key: p.value for p in onnx.load(str(distilled)).metadata_props}
+    # what the recovery frames showed: people and a bus, no giraffe (the teacher's own eyes)
+    seen = json.loads(metadata["distillation"])["frame_classes"]
+    assert seen["sampled"] == len(frame_paths(shared / "images"))
+    assert seen["frames_with"]["person"] >= 2 and seen["frames_with"]["giraffe"] == 0
+    # judged on coco8's giraffes and elephants, the student is flagged: never recovered on them
+    judged = models_cli("evaluate", "--model", fp32_model, "--model", distilled, "--data", coco8,
+                        "--rounds", "0", "--resamples", "0", "--quiet")  # fmt: skip
+    assert judged.returncode == 0, judged.stderr
+    warnings = [line for line in judged.stderr.splitlines() if line.startswith("warning:")]
+    assert any("distillation recovery frames show no" in w and "giraffe" in w for w in warnings)
+    assert not any("person" in w.split("show no")[1].split("(")[0] for w in warnings), warnings
+    assert not any(fp32_model.name in w for w in warnings)
+
+
+def test_a_student_judged_on_classes_its_frames_lack_is_flagged():
+    from models.evaluate import unseen_classes
+
+    record = {"frame_classes": {"sampled": 40, "threshold": 0.5,
+                                "frames_with": {"person": 31, "car": 0, "dog": 0}}}  # fmt: skip
+    metadata = {"pruning": json.dumps(record)}
+    (warning,) = unseen_classes("p.onnx", metadata, ["person", "dog", "car"])
+    assert "p.onnx: its pruning recovery frames show no dog, car" in warning
+    assert "40 sampled frames" in warning
+    assert unseen_classes("p.onnx", metadata, ["person"]) == []
+    assert unseen_classes("fp32.onnx", {}, ["dog"]) == []  # no recovery, nothing to say
+    assert unseen_classes("bad.onnx", {"pruning": "{not json"}, ["dog"]) == []
 
 
 def test_bad_recovery_input_is_one_line_and_writes_nothing(train_python, fp32_model, shared,

@@ -17,6 +17,7 @@ from agent.vision.backends.base import (
     ONNX_QUANTIZED_OPS,
     file_digest,
     parse_imgsz,
+    parse_names,
     release_freed_memory,
     resolve_detect_head,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "open_cuda_device",
     "open_source",
     "parse_imgsz",
+    "parse_names",
     "release_freed_memory",
     "resolve_classes",
     "resolve_detect_head",

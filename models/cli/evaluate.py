@@ -49,6 +49,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if args.report:
         write_report(results, dataset, args.report)
+    for warning in (w for r in results for w in r.warnings):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:

@@ -23,6 +23,7 @@ from models.optimize.checkpoint import Checkpoint
 from models.optimize.checks import check_ratio, check_schedule
 from models.optimize.distill import Recovery, distil, evaluate_loss
 from models.optimize.frames import FrameSet, content_hash, frame_paths, refuse_overlap
+from models.optimize.seen import classes_seen
 from models.optimize.torch_model import (
     Detector,
     count,
@@ -216,6 +217,7 @@ def prune_model(
         "curve": _curve(run.losses),
         "source_sha256": teacher.source_sha256,
         **_facts(learn, size, where),
+        "frame_classes": classes_seen(teacher, learn.images),
     }
     export(student, out, {"pruning": record})
     checkpoint.clear()
@@ -327,6 +329,7 @@ def distill_model(
         "teacher": teacher_path.name,
         "teacher_sha256": teacher.source_sha256,
         **_trained(student, teacher, learn, steps, "distillation", size, lr, checkpoint, where),
+        "frame_classes": classes_seen(teacher, learn.images),
     }
     export(student, out, {"distillation": record})
     checkpoint.clear()
