@@ -243,23 +243,11 @@ class _PruneRun:
         replay(pruner, self.removed)
         if "weights" in saved:
             student.module.load_state_dict(saved["weights"])
-        # the weights the current stage's recovery started from: kept if it makes them worse
-        self.start: dict[str, Any] | None = saved.get("start")
 
     def state(self, recovery: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"sensitivity": self.sensed, "removed": self.removed, "stages": self.records,
                 "losses": self.losses, "pruned_loss": self.pruned_loss,
-                "weights": self.student.module.state_dict(), "recovery": recovery,
-                "start": self.start}  # fmt: skip
-
-    def _loss_of(self, weights: dict[str, Any], frames: Any) -> float:
-        """The distillation loss of the student with ``weights``; its own are put back."""
-        own = copy.deepcopy(self.student.module.state_dict())
-        self.student.module.load_state_dict(weights)
-        try:
-            return evaluate_loss(self.student, self.teacher, frames)
-        finally:
-            self.student.module.load_state_dict(own)
+                "weights": self.student.module.state_dict(), "recovery": recovery}  # fmt: skip
 
     def stage(self, stage: int, stages: int, share: int, macs0: int, learn: Frames,
               probe: Any, statistics: Any, lr: float) -> None:  # fmt: skip
@@ -275,7 +263,6 @@ class _PruneRun:
             ])  # fmt: skip
             self.pruned_loss = evaluate_loss(student, teacher, probe)
             self.recovery = None
-            self.start = copy.deepcopy(student.module.state_dict())
             self.checkpoint.save(self.state(), f"stage {stage + 1}/{stages} pruned")
         macs, params = count(student)
 
@@ -283,13 +270,10 @@ class _PruneRun:
             self.checkpoint.keep(lambda: self.state(state()),
                                  f"stage {stage + 1}/{stages}, step {step} of {share}")  # fmt: skip
 
-        # the weights this stage's recovery started from (kept in the checkpoint, so a resumed
-        # run judges against the same), scored on the statistics frames: recovery must not
-        # leave the student worse off
-        pruned = self.start
-        if pruned is None:  # a checkpoint of before this rule
-            pruned = copy.deepcopy(student.module.state_dict())
-        judged = self._loss_of(pruned, statistics) if share else None
+        # the weights this stage's recovery starts from (on a resume: those of the checkpoint),
+        # judged on the statistics frames: recovery must not leave the student worse off
+        pruned = copy.deepcopy(student.module.state_dict())
+        judged = evaluate_loss(student, teacher, statistics) if share else None
         done = _recover(student, teacher, learn, share, f"stage {stage + 1}/{stages}", lr=lr,
                         device=self.device, resume=self.recovery, keep=keep)  # fmt: skip
         self.recovery = None
