@@ -176,18 +176,10 @@ def _rate(step: int, steps: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def evaluate_loss(
-    student: Detector, teacher: Detector, frames: np.ndarray, batch: int = 8
-) -> float:
-    """The distillation loss on ``frames`` without training: how far the student has strayed
-    (the mean over batches of ``batch`` frames, so that many frames fit in memory)."""
+def evaluate_loss(student: Detector, teacher: Detector, frames: np.ndarray) -> float:
+    """The distillation loss on ``frames`` without training: how far the student has strayed."""
+    x = torch.from_numpy(frames)
     student.module.eval()
     teacher.module.eval()
-    total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(frames), batch):
-            x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch]))
-            loss = distillation_loss(head_maps(student.module(x)), head_maps(teacher.module(x)))
-            total += float(loss) * len(x)
-            count += len(x)
-    return total / max(count, 1)
+        return float(distillation_loss(head_maps(student.module(x)), head_maps(teacher.module(x))))

@@ -270,29 +270,15 @@ class _PruneRun:
             self.checkpoint.keep(lambda: self.state(state()),
                                  f"stage {stage + 1}/{stages}, step {step} of {share}")  # fmt: skip
 
-        # the weights this stage's recovery starts from (on a resume: those of the checkpoint),
-        # judged on the statistics frames: recovery must not leave the student worse off
-        pruned = copy.deepcopy(student.module.state_dict())
-        judged = evaluate_loss(student, teacher, statistics) if share else None
         done = _recover(student, teacher, learn, share, f"stage {stage + 1}/{stages}", lr=lr,
                         device=self.device, resume=self.recovery, keep=keep)  # fmt: skip
         self.recovery = None
         self.losses += done.losses
-        kept = "recovered" if share else "pruned: no recovery steps"
-        if judged is not None:
-            after = evaluate_loss(student, teacher, statistics)
-            if after > judged:  # distillation made it worse (a low start, a high learning rate)
-                student.module.load_state_dict(pruned)
-                kept = (f"pruned: recovery raised the loss on {len(statistics)} frames from "
-                        f"{judged:.4f} to {after:.4f}")  # fmt: skip
-                print(f"- stage {stage + 1}/{stages}: {kept}; kept the pruned weights",
-                      file=sys.stderr)  # fmt: skip
         self.records.append({
             "stage": stage + 1, "groups": len(self.removed[stage]), "params": params,
             "macs_ratio": round(macs / macs0, 4),
             "loss_after_pruning": round(self.pruned_loss, 5), "steps": share,
             "loss_after_recovery": round(evaluate_loss(student, teacher, probe), 5),
-            "kept": kept,
         })  # fmt: skip
         self.checkpoint.save(self.state(), f"stage {stage + 1}/{stages} recovered")
         print(

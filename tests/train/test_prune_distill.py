@@ -258,22 +258,3 @@ def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path
     assert len(data["records"]["prune"]["curve"]) == 2
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
     assert not list((tmp_path / "checkpoints").iterdir())  # the stash goes once the report is made
-
-
-def test_a_recovery_that_makes_the_student_worse_is_undone(fp32_model, shared, tmp_path):
-    """A learning rate far too high wrecks the student in two steps: the stage keeps the pruned
-    weights, says so in its record, and the model is the one an untrained run writes."""
-    from models.optimize.runs import prune_model
-
-    common = dict(ratio=0.1, frames=shared / "images", stages=1, size=320)
-    bare = prune_model(fp32_model, tmp_path / "bare.onnx", steps=0, **common)
-    wrecked = prune_model(fp32_model, tmp_path / "wrecked.onnx", steps=2, lr=0.02, **common)
-    assert bare["stages"][0]["kept"] == "pruned: no recovery steps"
-    assert wrecked["stages"][0]["kept"].startswith("pruned: recovery raised the loss on 2 frames")
-    ours, untrained = (
-        ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
-        for name in ("wrecked.onnx", "bare.onnx")
-    )
-    x = image(seed=3)
-    np.testing.assert_allclose(ours.run(None, {"images": x})[0],
-                               untrained.run(None, {"images": x})[0], atol=1e-4)  # fmt: skip
