@@ -24,6 +24,8 @@ IMAGE="localhost/edge-agent-base:bookworm-$ARCH-$KEY"
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 missing=()
 for tool in podman buildah runc mmdebstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+# mmdebstrap checks a foreign architecture with it (a recommendation, not a dependency)
+command -v arch-test >/dev/null || missing+=(arch-test)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian's ${missing[*]}"
   $SUDO apt-get update -qq
@@ -41,6 +43,11 @@ if ! $SUDO podman image exists "$IMAGE"; then
     --include="$(IFS=,; echo "${PACKAGES[*]}")" \
     --customize-hook="cp /etc/ssl/certs/ca-certificates.crt \"\$1/etc/ssl/certs/ca-certificates.crt\"" \
     --customize-hook='rm -rf "$1/var/lib/apt/lists/"* "$1/var/cache/apt/"*.bin' \
-    bookworm - | $SUDO podman import --arch "$ARCH" --os linux - "$IMAGE" >/dev/null
+    bookworm - | $SUDO podman import --arch "$ARCH" --os linux - "$IMAGE" >/dev/null || {
+    # podman imports whatever arrived before mmdebstrap failed: never keep that as the cache
+    $SUDO podman image rm -f "$IMAGE" >/dev/null 2>&1 || true
+    echo "setup-container-base: building $IMAGE failed (see above)" >&2
+    exit 1
+  }
 fi
 echo "$IMAGE"

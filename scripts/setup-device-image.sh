@@ -56,6 +56,8 @@ command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 if [ "$EMULATED" = yes ]; then
   command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
   command -v update-binfmts >/dev/null || missing+=(binfmt-support)
+  # mmdebstrap checks a foreign architecture with it (a recommendation, not a dependency)
+  command -v arch-test >/dev/null || missing+=(arch-test)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian's ${missing[*]}"
