@@ -359,6 +359,11 @@ def evaluate(
             if reference is not None and resamples > 0:
                 interval = paired_difference(reference, matches, resamples)
             quantization = json.loads(backend.info.metadata.get("quantization", "{}") or "{}")
+            per_class = {
+                names.get(c, str(c)): {"ap50_95": round(ap, 4), "ap50": round(ap50, 4),
+                                       "boxes": boxes}
+                for c, (ap, ap50, boxes) in sorted(figures.per_class.items())
+            }  # fmt: skip
             results.append(
                 ModelResult(
                     path=str(path),
@@ -385,20 +390,9 @@ def evaluate(
                     kernels=runner.describe() if runner is not None else "native",
                     backend=backend.info.backend,
                     images=len(dataset.samples),
-                    per_class={
-                        names.get(c, str(c)): {
-                            "ap50_95": round(ap, 4),
-                            "ap50": round(ap50, 4),
-                            "boxes": boxes,
-                        }
-                        for c, (ap, ap50, boxes) in sorted(figures.per_class.items())
-                    },
+                    per_class=per_class,
                     map_difference=None if interval is None else asdict(interval),
-                    warnings=unseen_classes(
-                        path.name,
-                        backend.info.metadata,
-                        [names.get(c, str(c)) for c in sorted(figures.per_class)],
-                    ),
+                    warnings=unseen_classes(path.name, backend.info.metadata, list(per_class)),
                 )
             )
             if reference is None:

@@ -123,7 +123,8 @@ def gate_model(
     models = [candidate] if stored else [reference, candidate]
     runners = [runner] if stored else [None, runner]
     runtime = getattr(runner, "runtime", "onnxruntime")
-    if runtime != "onnxruntime":  # a runtime of its own: both run there, natively, both timed
+    own_runtime = runtime != "onnxruntime"
+    if own_runtime:  # a runtime of its own: both run there, natively, both timed
         runners = [None] * len(models)
     results = evaluate(models, dataset, latency_rounds=rounds, runners=runners, resamples=resamples,
                        runtimes=[runtime] * len(models))  # fmt: skip
@@ -134,7 +135,6 @@ def gate_model(
         max_latency_ratio=max_latency_ratio if timed else None,
     )
     result = check(results[-1].to_dict(), reference_result, limits)
-    own_runtime = runtime != "onnxruntime"
     result.checks["kernels"] = runner.describe() if own_runtime else results[-1].kernels
     result.checks["images"] = len(dataset.samples)
     interval = results[-1].map_difference

@@ -62,42 +62,19 @@ class KernelRunner(Protocol):
 
 @dataclass
 class NativeRunner:
-    """ONNX Runtime in this process: this machine's kernels are the target's."""
+    """This machine's kernels in this process: ONNX Runtime's, or (``runtime="openvino"``, the
+    ``openvino`` target) OpenVINO's CPU plugin, whose oneDNN kernels compute other int8 numbers
+    than ONNX Runtime's from the same file; the gate then runs the float reference in OpenVINO
+    too, so the latency ratio compares one runtime with itself."""
 
     target: str
     host: Detected
     measures_speed: bool = True
+    runtime: str = "onnxruntime"
 
     def describe(self) -> str:
-        return f"native: {self.host.describe()}"
-
-    def run(
-        self, model: Path, tensors: list[np.ndarray], loaded: Backend | None = None
-    ) -> list[np.ndarray]:
-        if loaded is not None:
-            return [loaded.infer(t) for t in tensors]
-        from agent.config import ModelConfig
-        from agent.vision import load_backend
-
-        backend = load_backend("onnxruntime", model, ModelConfig(path=model))
-        try:
-            return [backend.infer(t) for t in tensors]
-        finally:
-            backend.close()
-
-
-@dataclass
-class OpenVinoRunner:
-    """OpenVINO's CPU plugin in this process: the ``openvino`` target's kernels (oneDNN), which
-    compute other int8 numbers than ONNX Runtime's on the same file. The gate runs the float
-    reference in OpenVINO too, so the latency ratio compares one runtime with itself."""
-
-    target: str
-    host: Detected
-    measures_speed: bool = True
-    runtime: str = "openvino"
-
-    def describe(self) -> str:
+        if self.runtime != "openvino":
+            return f"native: {self.host.describe()}"
         import openvino
 
         version = openvino.get_version().split("-")[0]
@@ -106,12 +83,13 @@ class OpenVinoRunner:
     def run(
         self, model: Path, tensors: list[np.ndarray], loaded: Backend | None = None
     ) -> list[np.ndarray]:
-        if loaded is not None and loaded.info.backend == "openvino":
+        if loaded is not None and loaded.info.backend == self.runtime:
             return [loaded.infer(t) for t in tensors]
         from agent.config import ModelConfig
         from agent.vision import load_backend
 
-        backend = load_backend("openvino", model, ModelConfig(path=model, backend="openvino"))
+        config = ModelConfig(path=model, backend=self.runtime)
+        backend = load_backend(self.runtime, model, config)
         try:
             return [backend.infer(t) for t in tensors]
         finally:
@@ -254,7 +232,7 @@ def _avx2_runner() -> EmulatedRunner:
     return EmulatedRunner("cpu-x86_64", qemu, "Haswell", Path(sys.executable))
 
 
-def _openvino_runner(target: str, host: Detected) -> OpenVinoRunner:
+def _openvino_runner(target: str, host: Detected) -> NativeRunner:
     if host.arch != "x86_64":
         raise UnverifiableTarget(
             f"cannot verify {target} here: its models are checked on OpenVINO's x86-64 CPU "
@@ -267,7 +245,7 @@ def _openvino_runner(target: str, host: Detected) -> OpenVinoRunner:
             f"verifying {target} runs the model in OpenVINO, which is not installed here: "
             "pip install 'edge-agent[openvino]' (or pass --unverified-target)"
         ) from None
-    return OpenVinoRunner(target, host)
+    return NativeRunner(target, host, runtime="openvino")
 
 
 def runner_for(target: str, host: Detected | None = None) -> KernelRunner:
