@@ -41,8 +41,8 @@ SYSROOT="${EDGE_AGENT_AARCH64_SYSROOT:-$CACHE/aarch64-$KEY}"
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if ! command -v qemu-aarch64-static >/dev/null; then
   log "installing Debian's qemu-user-static"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
     qemu-user-static >/dev/null
 fi
 
@@ -52,7 +52,7 @@ if [ ! -f "$SYSROOT/.complete" ]; then
   if ! dpkg --print-foreign-architectures | grep -qx arm64; then
     $SUDO dpkg --add-architecture arm64
   fi
-  $SUDO apt-get update -qq
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
   (cd "$work" && apt-get download -qq "${DEB_PACKAGES[@]/%/:arm64}" >/dev/null)
   rm -rf "$SYSROOT.partial"; mkdir -p "$SYSROOT.partial"
   for deb in "$work"/*.deb; do dpkg -x "$deb" "$SYSROOT.partial"; done

@@ -28,8 +28,8 @@ for tool in podman buildah runc mmdebstrap; do command -v "$tool" >/dev/null || 
 command -v arch-test >/dev/null || missing+=(arch-test)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian's ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
 fi
 if [ "$ARCH" = arm64 ] && [ "$(uname -m)" != aarch64 ]; then
