@@ -25,7 +25,7 @@ from onnx import TensorProto, shape_inference
 from models.errors import FactoryError
 
 
-class _Tails:
+class Tails:
     """The ``k`` smallest and ``k`` largest values of one tensor over every frame so far."""
 
     def __init__(self, k: int) -> None:
@@ -48,6 +48,11 @@ class _Tails:
 
     def bounds(self) -> tuple[float, float]:
         return float(self.low.max()), float(self.high.min())
+
+    @classmethod
+    def for_share(cls, share: float, values_per_frame: int, frames: int) -> Tails:
+        """Tails that hold ``share`` of every value ``frames`` frames of this size produce."""
+        return cls(max(1, math.ceil(share * values_per_frame * frames)))
 
 
 def _tails(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,13 +113,13 @@ def percentile_ranges(
     input_name = session.get_inputs()[0].name
     wanted = [o.name for o in session.get_outputs()]
     share = (100.0 - percentile) / 100.0
-    tails: dict[str, _Tails] = {}
+    tails: dict[str, Tails] = {}
     for tensor in inputs:
         values = dict(zip(wanted, session.run(wanted, {input_name: tensor}), strict=True))
         for name in names:
             array = values[name]
             if name not in tails:
-                tails[name] = _Tails(max(1, math.ceil(share * array.size * count)))
+                tails[name] = Tails.for_share(share, array.size, count)
             tails[name].add(array)
     ranges = {}
     for name, tail in tails.items():

@@ -54,6 +54,11 @@ class SampledFrames:
     skipped: list[str] = field(default_factory=list)  # "path: reason", reported, not fatal
 
 
+def even_picks(total: int, count: int) -> list[int]:
+    """Up to ``count`` indices spread evenly over ``range(total)``, first and last included."""
+    return sorted({int(i) for i in np.linspace(0, total - 1, min(count, total))})
+
+
 def sample_frames(folder: Path, count: int, role: str = "frames") -> SampledFrames:
     """Up to ``count`` images spread evenly over ``folder`` (sorted, recursive): a camera's
     frames in time order cover its hours and scenes that way. Files that are not images, and
@@ -73,7 +78,7 @@ def sample_frames(folder: Path, count: int, role: str = "frames") -> SampledFram
         raise FactoryError(
             f"{role} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    picks = sorted({int(i) for i in np.linspace(0, len(images) - 1, min(count, len(images)))})
+    picks = even_picks(len(images), count)
     usable = []
     for path in (images[i] for i in picks):
         if cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_8) is None:

@@ -344,11 +344,11 @@ def test_percentile_tails_are_exact_however_the_frames_stream_in():
     """The clipping point is the exact percentile of every value seen, not a sample's estimate."""
     import numpy as np
 
-    from models.activation_ranges import _Tails
+    from models.activation_ranges import Tails
 
     rng = np.random.default_rng(1)
     for k in (1, 3, 50):
-        tails, seen = _Tails(k), []
+        tails, seen = Tails(k), []
         for _ in range(20):
             values = rng.standard_cauchy(1000).astype(np.float32)  # long tails, like SiLU maps
             seen.append(values)
@@ -361,10 +361,10 @@ def test_percentile_tails_are_exact_however_the_frames_stream_in():
 def test_percentile_ranges_refuse_an_activation_that_is_not_finite():
     import numpy as np
 
-    from models.activation_ranges import _Tails
+    from models.activation_ranges import Tails
     from models.errors import FactoryError
 
-    tails = _Tails(2)
+    tails = Tails(2)
     tails.add(np.arange(10, dtype=np.float32))
     with pytest.raises(FactoryError, match="not finite"):
         tails.add(np.array([1.0, np.nan, 3.0], np.float32))

@@ -93,14 +93,17 @@ def test_a_ratio_out_of_range_is_refused_before_anything_runs(ratio, fp32_model,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["prune", "distill"])
+@pytest.mark.parametrize("command", ["prune", "distill", "qat"])
 @pytest.mark.parametrize("lr", ["0", "-0.001", "nan", "2"])
 def test_a_learning_rate_out_of_range_is_refused_before_anything_runs(
     command, lr, fp32_model, shared, tmp_path
 ):
     out = tmp_path / "p.onnx"
-    models = (["--model", fp32_model, "--ratio", "0.2"] if command == "prune"
-              else ["--teacher", fp32_model, "--student", fp32_model])  # fmt: skip
+    models = {
+        "prune": ["--model", fp32_model, "--ratio", "0.2"],
+        "distill": ["--teacher", fp32_model, "--student", fp32_model],
+        "qat": ["--model", fp32_model, "--target", "cpu-x86_64"],
+    }[command]
     result = models_cli(command, *models, "--lr", lr, "--frames", shared / "images", "--out", out)
     one_line_error(result, f"--lr {lr} is out of range: 0 < lr < 1")
     assert not out.exists()

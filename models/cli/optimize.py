@@ -67,10 +67,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_qat(args: argparse.Namespace) -> int:
     from models.kernels import known_target
-    from models.optimize.checks import check_schedule
+    from models.optimize.checks import check_learning_rate, check_schedule
     from models.recipes import recipe
 
     check_schedule(args.steps)
+    check_learning_rate(args.lr)
     known_target(args.target)
     recipe(args.target)  # a target the quantizer does not make (rk3588) is refused here
     elsewhere = _in_train_env(args)
@@ -79,7 +80,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     from models.optimize.runs import qat_model
 
     record = qat_model(args.model, args.out, args.frames, args.steps, args.target, args.size,
-                       args.data, args.overwrite, checkpoint_s=args.checkpoint_every,
+                       args.data, args.overwrite, lr=args.lr, checkpoint_s=args.checkpoint_every,
                        device=args.device)  # fmt: skip
     print(f"wrote {args.out} for {args.target} ({record['scheme']} QDQ by quantization-aware "
           f"training: {record['fake_quantizers']} fake quantizers, {record['steps']} step(s), "
@@ -138,10 +139,11 @@ def recovery_arguments(parser: argparse.ArgumentParser) -> None:
     device_argument(parser)
 
 
-def learning_rate_argument(parser: argparse.ArgumentParser) -> None:
+def learning_rate_argument(parser: argparse.ArgumentParser, default: float = 1e-4) -> None:
     parser.add_argument(
-        "--lr", type=float, default=1e-4,
-        help="peak learning rate of the distillation (1e-4; warm-up, then a cosine to a tenth)",
+        "--lr", type=float, default=default,
+        help=f"peak learning rate of the distillation ({default:g}; warm-up, then a cosine to a "
+        "tenth)",
     )  # fmt: skip
 
 
@@ -176,6 +178,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     qa.add_argument("--model", type=Path, required=True, help="float (or pruned) YOLOv8 ONNX")
     qa.add_argument("--target", required=True, help="deployment target (its INT8 recipe)")
     recovery_arguments(qa)
+    learning_rate_argument(qa, default=1e-5)  # fine-tuning a whole model: ten times gentler
     qa.set_defaults(func=cmd_qat)
 
     op = sub.add_parser(

@@ -366,7 +366,7 @@ def qat_model(
     learning = _learning(frames, data, size, device, out, overwrite)
     learn, where, size = learning.frames, learning.device, learning.size
     teacher = load_detector(model)
-    student, record = prepare(teacher, target, learn.images[:32])
+    student, record = prepare(teacher, target, learn.images)
     checkpoint = _checkpoint("qat", out, [model], learn, checkpoint_s, steps=steps, size=size,
                              lr=lr, target=target)  # fmt: skip
     record.update(_trained(student, teacher, learn, steps, "quantization-aware training", size,
