@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -168,10 +169,12 @@ def concat_with_ranges_of_its_own() -> BackendConfig:
     return config
 
 
-def prepare(detector: Detector, target: str, frames: Any) -> tuple[Detector, dict]:
+def prepare(detector: Detector, target: str, frames: Any,
+            progress: Callable[[int], None] | None = None) -> tuple[Detector, dict]:  # fmt: skip
     """A fake-quantized copy of ``detector``, its activation ranges calibrated on up to
     ``CALIBRATION_FRAMES`` of ``frames`` (picked evenly, as ``quantize --frames`` picks them) and
-    then held; the weights' quantizers follow the weights as they train."""
+    then held; the weights' quantizers follow the weights as they train. ``progress(n)`` is
+    called as each n frames have been calibrated on."""
     module = copy.deepcopy(detector.module)
     as_functions(module)
     leaves = sorted({type(m) for m in module.modules()
@@ -190,7 +193,10 @@ def prepare(detector: Detector, target: str, frames: Any) -> tuple[Detector, dic
     quantized.apply(disable_fake_quant)  # ranges of the float model's values, as PTQ takes them
     with torch.no_grad():
         for start in range(0, len(picks), 4):
-            quantized(torch.from_numpy(frames[picks[start : start + 4]]))
+            batch = picks[start : start + 4]
+            quantized(torch.from_numpy(frames[batch]))
+            if progress is not None:
+                progress(len(batch))
     quantized.apply(enable_fake_quant)
     hold_activation_ranges(quantized)
     record["fake_quantizers"] = sum(isinstance(m, FakeQuantize) for m in quantized.modules())

@@ -129,10 +129,10 @@ def _facts(learn: Frames, size: int, device: Any) -> dict[str, Any]:
             "device": str(device)}  # fmt: skip
 
 
-def _bar(total: int, what: str, initial: int = 0) -> Any:
+def _bar(total: int, what: str, initial: int = 0, unit: str = "step") -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=what, unit="step", file=sys.stderr,
+    return tqdm(total=total, initial=initial, desc=what, unit=unit, file=sys.stderr,
                 leave=False, disable=total == 0)  # fmt: skip
 
 
@@ -357,7 +357,7 @@ def qat_model(
         FactoryError: bad steps, an existing output, no frames, evaluation images among them, a
             model that is not a float YOLOv8 detector, a target this recipe does not cover.
     """
-    from models.optimize.qat import fold_weight_quantizers, freeze, prepare
+    from models.optimize.qat import CALIBRATION_FRAMES, fold_weight_quantizers, freeze, prepare
     from models.quantize import fast_dfl_layout
     from models.recipes import recipe
 
@@ -366,7 +366,8 @@ def qat_model(
     learning = _learning(frames, data, size, device, out, overwrite)
     learn, where, size = learning.frames, learning.device, learning.size
     teacher = load_detector(model)
-    student, record = prepare(teacher, target, learn.images)
+    with _bar(min(len(learn.images), CALIBRATION_FRAMES), "activation ranges", unit="frame") as bar:
+        student, record = prepare(teacher, target, learn.images, bar.update)
     checkpoint = _checkpoint("qat", out, [model], learn, checkpoint_s, steps=steps, size=size,
                              lr=lr, target=target)  # fmt: skip
     record.update(_trained(student, teacher, learn, steps, "quantization-aware training", size,
