@@ -105,7 +105,7 @@ def test_qat_starts_from_the_activation_ranges_quantize_takes_on_the_same_frames
 ):
     """Before any training the fake quantizers hold PTQ's ranges: the recipe's percentile of
     the float model's values on the same frames, and every input of a concat its own range
-    (torch's default shares one range across a concat: a point of mAP on voc2007-val)."""
+    (torch's default shares one range across a concat: half a point of mAP on voc2007-val)."""
     target = "cpu-x86_64-vnni"
     ptq = tmp_path / "ptq.onnx"
     quantize(fp32_model, shared / "images", ptq, recipe(target), progress=False, target=target,
