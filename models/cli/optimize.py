@@ -139,11 +139,10 @@ def recovery_arguments(parser: argparse.ArgumentParser) -> None:
     device_argument(parser)
 
 
-def learning_rate_argument(parser: argparse.ArgumentParser, default: float = 1e-4) -> None:
+def learning_rate_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--lr", type=float, default=default,
-        help=f"peak learning rate of the distillation ({default:g}; warm-up, then a cosine to a "
-        "tenth)",
+        "--lr", type=float, default=1e-4,
+        help="peak learning rate of the distillation (1e-4; warm-up, then a cosine to a tenth)",
     )  # fmt: skip
 
 
@@ -178,7 +177,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     qa.add_argument("--model", type=Path, required=True, help="float (or pruned) YOLOv8 ONNX")
     qa.add_argument("--target", required=True, help="deployment target (its INT8 recipe)")
     recovery_arguments(qa)
-    learning_rate_argument(qa, default=1e-5)  # fine-tuning a whole model: ten times gentler
+    learning_rate_argument(qa)
     qa.set_defaults(func=cmd_qat)
 
     op = sub.add_parser(

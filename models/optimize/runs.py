@@ -345,7 +345,7 @@ def qat_model(
     size: int = 640,
     data: Path | None = None,
     overwrite: bool = False,
-    lr: float = 1e-5,
+    lr: float = 1e-4,
     checkpoint_s: float = 60.0,
     device: str = "auto",
 ) -> dict[str, Any]:
