@@ -203,15 +203,14 @@ def prepare(detector: Detector, target: str, frames: Any,
     return dataclasses.replace(detector, module=quantized), record
 
 
-def hold_activation_ranges(module: torch.nn.Module) -> int:
+def hold_activation_ranges(module: torch.nn.Module) -> None:
     """Every activation quantizer keeps its calibrated range from now on (the weights' quantizers
-    go on observing). Returns how many were held."""
-    held = 0
+    go on observing); the percentile tails, no longer needed, are let go."""
     for name, layer in module.named_modules():
         if isinstance(layer, FakeQuantize) and not name.endswith("weight_fake_quant"):
             layer.disable_observer()
-            held += 1
-    return held
+            if isinstance(layer.activation_post_process, PercentileObserver):
+                layer.activation_post_process.tails = None
 
 
 def freeze(detector: Detector) -> None:
