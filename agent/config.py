@@ -94,6 +94,13 @@ class OpenVinoConfig(StrictModel):
     performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
         "LATENCY", description="LATENCY for one camera frame at a time (the loop's case)."
     )
+    streams: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Inference streams (runs the device overlaps); 0: one per inference worker "
+        "with several cameras, else the hint's choice.",
+    )
     cache_dir: Path | None = Field(
         None, description="Compiled-model cache (default: <state_dir>/openvino): faster starts."
     )
@@ -109,6 +116,13 @@ class RknnConfig(StrictModel):
 
     core_mask: Literal["auto", "0", "1", "2", "0_1", "0_1_2"] = Field(
         "0_1_2", description="NPU cores: all three by default (one camera, lowest latency)."
+    )
+    contexts: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="NPU contexts run at once, each on a core of its own (core_mask then "
+        "unused); 0: one per inference worker up to 3 with several cameras, else one.",
     )
 
 
@@ -140,7 +154,12 @@ class ModelConfig(StrictModel):
         default_factory=lambda: ["CPUExecutionProvider"],
         description="ONNX Runtime providers in fallback order (unavailable ones are skipped).",
     )
-    threads: int = Field(0, ge=0, description="Intra-op threads; 0 lets the runtime decide.")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="Intra-op threads of each run; 0: the runtime decides with one inference "
+        "at a time, each run's share of the cores with several (pipeline.inference_workers).",
+    )
     engine_cache_dir: Path | None = Field(
         None,
         description="TensorRT engines (the tensorrt backend's and the TensorRT execution "
@@ -312,6 +331,15 @@ class PipelineConfig(StrictModel):
         le=19,
         description="Niceness added to capture/preprocess threads so inference keeps the cores "
         "it needs; they run in its gaps. 0 disables.",
+    )
+    inference_workers: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Inferences run at once on the one loaded model (each camera's frames "
+        "still leave in order). 0: one per camera, up to the usable cores and 4; one camera "
+        "runs one at a time (latency first). Unless model.threads is set, each run gets its "
+        "share of the cores.",
     )
     opencv_threads: int = Field(
         1,

@@ -2,8 +2,8 @@
 
 One place decides how a model file is loaded (backend name, providers, threads, the engine cache
 under ``state_dir/engines`` and OpenVINO's compiled-model cache under ``state_dir/openvino``
-unless configured), so the start, an OTA candidate and the watchdog's
-reload all load a model the same way.
+unless configured, each run's share of the cores when several inferences run at once), so the
+start, an OTA candidate and the watchdog's reload all load a model the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.updates import ModelManager, with_identity
-from agent.vision import Backend, load_backend
+from agent.vision import Backend, inference_workers, load_backend, threads_per_run
 
 
 class ModelLoader:
@@ -25,6 +25,16 @@ class ModelLoader:
                 update={"cache_dir": config.state_dir / "openvino"}
             )
             options = options.model_copy(update={"openvino": openvino})
+        workers = inference_workers(config.pipeline.inference_workers, len(config.camera_list()))
+        if workers > 1:  # several runs at once: each its share of the device
+            if options.backend == "onnxruntime" and options.threads == 0:
+                options = options.model_copy(update={"threads": threads_per_run(workers)})
+            if options.backend == "openvino" and options.openvino.streams == 0:
+                streams = options.openvino.model_copy(update={"streams": workers})
+                options = options.model_copy(update={"openvino": streams})
+            if options.backend == "rknn" and options.rknn.contexts == 0:
+                contexts = options.rknn.model_copy(update={"contexts": min(workers, 3)})
+                options = options.model_copy(update={"rknn": contexts})
         self.options = options
         self.manager: ModelManager | None = None  # set when OTA is on: the active model is a slot
 

@@ -214,3 +214,32 @@ def test_the_watchdog_can_cancel_a_run_and_the_next_one_works(fp32_model):
     worker.join(30)
     assert outcome and "canceled" in outcome[0]
     assert backend.infer(blank).shape == (1, 84, 8400)
+
+
+def test_two_runs_at_once_on_two_streams_each_get_their_own_answer(fp32_model, images):
+    import threading
+
+    import numpy as np
+
+    from agent.vision import Preprocessor
+
+    backend = openvino(fp32_model, openvino={"streams": 2})
+    assert backend._compiled.get_property("NUM_STREAMS") == 2
+    pre = Preprocessor(backend.info.imgsz, pool_size=1)
+    shape = backend.info.input_shape
+    tensors = {name: pre(image, np.empty(shape, np.float32))[0] for name, image in images.items()}
+    alone = {name: backend.infer(tensor) for name, tensor in tensors.items()}
+    wrong: list[str] = []
+
+    def keep_inferring(name: str) -> None:
+        for _ in range(8):
+            if not np.allclose(backend.infer(tensors[name]), alone[name], atol=1e-3):
+                wrong.append(name)
+
+    threads = [threading.Thread(target=keep_inferring, args=(name,)) for name in tensors]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not wrong  # no run read another's request
+    assert backend._requests.made <= 2  # a request per run at once, kept for the next runs

@@ -27,6 +27,7 @@ from agent.vision.backends.engine_cache import local_environment as local_engine
 from agent.vision.backends.engine_cache import resolve_precision as resolve_engine_precision
 from agent.vision.backends.engine_cache import subscribe as on_engine_builds
 from agent.vision.cameras import CameraFeed, FairQueue
+from agent.vision.inference_workers import inference_workers, threads_per_run, usable_cores
 from agent.vision.motion import MotionGate, MotionSettings
 from agent.vision.pipeline import ActiveModel, PairedFrame, Pipeline, Shadow
 from agent.vision.postprocess import (
@@ -87,6 +88,7 @@ __all__ = [
     "detect_image",
     "file_digest",
     "gpu_slug",
+    "inference_workers",
     "load_backend",
     "local_engine_environment",
     "merge_split_head",
@@ -101,4 +103,6 @@ __all__ = [
     "resolve_detect_head",
     "resolve_engine_precision",
     "tensorrt_toolkit",
+    "threads_per_run",
+    "usable_cores",
 ]

@@ -6,7 +6,8 @@ release the GIL). Each camera has its own capture thread and lane; preprocess ta
 lanes in turn (``cameras.FairQueue``), so one model serves every camera. Live sources keep only
 the newest frame; file sources apply back-pressure and never drop. The active model is asked
 for once per frame, at preprocess, and that frame keeps it through inference and postprocess,
-so a model swap falls cleanly between two frames.
+so a model swap falls cleanly between two frames. With several cameras, a few inference workers
+run the one model at once (``inference_workers``) and frames leave them in the order they came.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from agent.config import DetectionConfig, PipelineConfig
 from agent.contract.errors import SourceError
 from agent.vision.backends.base import Backend
 from agent.vision.cameras import CameraFeed, FairQueue
+from agent.vision.inference_workers import InOrder, Worker, inference_workers
 from agent.vision.motion import MotionGate
 from agent.vision.postprocess import Detection, DetectionParams, decode
 from agent.vision.preprocess import Letterbox, Preprocessor
@@ -193,11 +195,17 @@ class Pipeline:
         self._to_infer = StageQueue(ahead, self._aborted)
         self._to_postprocess = StageQueue(config.queue_size, self._aborted)
         self._threads: list[threading.Thread] = []
-        # watchdog view: when each stage started its current item (None: waiting for work)
+        # watchdog view: when each stage started its current item (None: waiting for work);
+        # for inference, the oldest run in progress
         self.busy_since: dict[str, float | None] = dict.fromkeys(
             ("capture", "preprocess", "inference", "postprocess"), None
         )
-        self._inference_generation = 0
+        self.workers = inference_workers(config.inference_workers, len(self.cameras))
+        self._workers: list[Worker] = []  # the inference threads not given up on
+        self._workers_lock = threading.Lock()
+        self._workers_started = 0
+        self._in_order = InOrder(self._to_postprocess.put)
+        self._exclusive: dict[int, threading.Lock] = {}  # per backend that runs one at a time
         self.abandoned_workers = 0
         self._taken = 0  # frames taken from all cameras (max_frames)
         self._taking = threading.Lock()
@@ -251,25 +259,62 @@ class Pipeline:
             thread = threading.Thread(target=self._guard(name, target), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        self._start_inference_worker()
+        for _ in range(self.workers):
+            with self._workers_lock:
+                worker = self._new_worker()
+            self._start_inference_worker(worker)
 
-    def _start_inference_worker(self) -> None:
-        generation = self._inference_generation
+    def _new_worker(self) -> Worker:
+        """A worker counted among the running ones (call with ``_workers_lock`` held)."""
+        worker = Worker(f"inference-{self._workers_started}")
+        self._workers_started += 1
+        self._workers.append(worker)
+        return worker
+
+    def _start_inference_worker(self, worker: Worker) -> None:
         thread = threading.Thread(
-            target=self._guard("inference", lambda: self._inference_loop(generation)),
-            name=f"inference-{generation}",
+            target=self._guard("inference", lambda: self._inference_loop(worker)),
+            name=worker.name,
             daemon=True,
         )
         thread.start()
         self._threads.append(thread)
 
     def replace_inference_worker(self) -> None:
-        """Abandon the current inference thread (stuck in a call that cannot be interrupted) and
-        start a fresh one on the same queue. The stuck one exits whenever its call returns."""
-        self._inference_generation += 1
-        self.abandoned_workers += 1
-        self.busy_since["inference"] = None
-        self._start_inference_worker()
+        """Abandon the inference thread stuck longest (in a call that cannot be interrupted):
+        its frame is dropped, so the frames behind it go on, and a fresh thread takes its place
+        on the same queue. The stuck one exits whenever its call returns."""
+        with self._workers_lock:
+            busy = [w for w in self._workers if w.busy_since is not None]
+            if not busy:
+                return
+            stuck = min(busy, key=lambda w: w.busy_since or 0.0)
+            stuck.abandoned = True
+            self._workers.remove(stuck)
+            self.abandoned_workers += 1
+            replacement = self._new_worker()  # in the same step: the count never reads 0
+        if stuck.ticket is not None:
+            self._in_order.finish(stuck.ticket, None)
+        self._mark_busy(stuck, None)
+        self._start_inference_worker(replacement)
+
+    def _mark_busy(self, worker: Worker, since: float | None) -> None:
+        """Record when ``worker``'s run started (None: it ended); the watchdog sees the oldest."""
+        with self._workers_lock:
+            worker.busy_since = since
+            starts = [w.busy_since for w in self._workers if w.busy_since is not None]
+            self.busy_since["inference"] = min(starts) if starts else None
+
+    def _end_inference_worker(self, worker: Worker) -> None:
+        """A worker saw the end: the others must see it too, and the last one passes it on."""
+        with self._workers_lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            last = not self._workers
+        if last:
+            self._to_postprocess.put(_END)
+        else:
+            self._to_infer.put(_END)
 
     def replace_source(self, source: FrameSource, camera: str | None = None) -> FrameSource:
         """Swap in a reopened source; the capture loop reads from it from its next frame on."""
@@ -395,8 +440,8 @@ class Pipeline:
         key = (model.info.imgsz, model.info.input_dtype)
         pre = self._preprocessors.get(key)
         if pre is None:
-            # every queue slot, plus the tensor being filled and the one being inferred
-            pool = self.config.queue_size * 2 + 2
+            # every queue slot, plus the tensor being filled and one per inference worker
+            pool = self.config.queue_size * 2 + 1 + self.workers
             pre = Preprocessor(model.info.imgsz, np.dtype(model.info.input_dtype), pool)
             self._preprocessors[key] = pre
         return pre
@@ -437,45 +482,66 @@ class Pipeline:
         busy = camera.scene is not None and camera.scene.busy()
         return camera.gate.admit(frame.image, frame.captured, busy)
 
-    def _inference_loop(self, generation: int = 0) -> None:
-        while (job := self._to_infer.get()) is not _END:
-            try:
-                age_ms = (time.monotonic() - job.frame.captured) * 1000
-                live = job.camera.source.live
-                if live and self.config.drop_late and age_ms > self.config.deadline_ms:
-                    self._count(job.camera, "late")
-                    self._count(job.camera, "dropped")
-                    continue
-                started = time.perf_counter()
-                self.busy_since["inference"] = time.monotonic()
-                try:
-                    job.output = job.model.infer(job.tensor)
-                except Exception as exc:
-                    if generation != self._inference_generation:
-                        return  # abandoned (cancelled) worker: its successor carries on
-                    log.warning("inference failed on frame %d: %s", job.frame.frame_id, exc)
-                    self.stats.count("errors")
-                    self.stats.count("inference_failures")
-                    self.stats.for_model(job.model).failures += 1
-                    continue
-                finally:
-                    if generation == self._inference_generation:
-                        self.busy_since["inference"] = None
-                elapsed = (time.perf_counter() - started) * 1000
-                job.shadow = self._run_shadow(job)
-            finally:
-                job.preprocessor.pool.release(job.tensor)
-            if generation != self._inference_generation:
+    def _inference_loop(self, worker: Worker) -> None:
+        while True:
+            job, ticket = self._in_order.take(self._to_infer.get, _END)
+            if ticket is None:
+                break
+            worker.ticket = ticket
+            passed_on = self._infer(job, worker)
+            if worker.abandoned:
                 self.stats.count("dropped")  # finished after it was given up on: discard
                 return
-            self.stats.inference_failures = 0  # a success ends a failure streak
-            self.stats.latency["inference"].add(elapsed)
-            job.latency_ms["inference"] = elapsed
-            device_ms = getattr(job.model, "last_device_ms", None)  # CUDA events (tensorrt)
-            if device_ms is not None:
-                self.stats.add_device_time(device_ms)
-            self._to_postprocess.put(job)
-        self._to_postprocess.put(_END)
+            worker.ticket = None
+            self._in_order.finish(ticket, job if passed_on else None)
+        self._end_inference_worker(worker)
+
+    def _infer(self, job: Job, worker: Worker) -> bool:
+        """Run the model on one frame; False when the frame goes no further (late, failed)."""
+        try:
+            age_ms = (time.monotonic() - job.frame.captured) * 1000
+            live = job.camera.source.live
+            if live and self.config.drop_late and age_ms > self.config.deadline_ms:
+                self._count(job.camera, "late")
+                self._count(job.camera, "dropped")
+                return False
+            started = time.perf_counter()
+            self._mark_busy(worker, time.monotonic())
+            try:
+                job.output = self._run(job.model, job.tensor)
+            except Exception as exc:
+                if worker.abandoned:
+                    return False  # abandoned (cancelled) worker: its successor carries on
+                log.warning("inference failed on frame %d: %s", job.frame.frame_id, exc)
+                self.stats.count("errors")
+                self.stats.count("inference_failures")
+                self.stats.for_model(job.model).failures += 1
+                return False
+            finally:
+                if not worker.abandoned:
+                    self._mark_busy(worker, None)
+            elapsed = (time.perf_counter() - started) * 1000
+            job.shadow = self._run_shadow(job)
+        finally:
+            job.preprocessor.pool.release(job.tensor)
+        if worker.abandoned:
+            return False
+        self.stats.inference_failures = 0  # a success ends a failure streak
+        self.stats.latency["inference"].add(elapsed)
+        job.latency_ms["inference"] = elapsed
+        device_ms = getattr(job.model, "last_device_ms", None)  # CUDA events (tensorrt)
+        if device_ms is not None:
+            self.stats.add_device_time(device_ms)
+        return True
+
+    def _run(self, model: Backend, tensor: np.ndarray) -> np.ndarray:
+        """``model.infer``; a backend that cannot run twice at once (no ``concurrent``) is
+        taken by one worker at a time."""
+        if getattr(model, "concurrent", False):
+            return model.infer(tensor)
+        lock = self._exclusive.setdefault(id(model), threading.Lock())
+        with lock:
+            return model.infer(tensor)
 
     def _run_shadow(self, job: Job) -> tuple[Shadow, np.ndarray, float] | None:
         """The shadow model on this frame's tensor, when one is set, this frame is due and its
@@ -491,7 +557,7 @@ class Pipeline:
             return None
         started = time.perf_counter()
         try:
-            output = shadow.backend.infer(job.tensor)
+            output = self._run(shadow.backend, job.tensor)
         except Exception as exc:
             log.debug("shadow inference failed: %r", exc)
             return None

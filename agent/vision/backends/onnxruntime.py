@@ -1,8 +1,13 @@
-"""ONNX Runtime backend: CPU, CUDA and the TensorRT execution provider, in a fallback order."""
+"""ONNX Runtime backend: CPU, CUDA and the TensorRT execution provider, in a fallback order.
+
+A session runs several inferences at once safely (ONNX Runtime's ``run`` is thread-safe), which
+is how the loop's inference workers share one loaded model.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +73,8 @@ def model_precision(path: Path, metadata: dict[str, str], input_dtype: type) -> 
 
 
 class OnnxRuntimeBackend:
+    concurrent = True  # infer may be called from several threads at once
+
     def __init__(self, path: Path, options: Any) -> None:
         threads = getattr(options, "threads", 0)
         cache_dir = getattr(options, "engine_cache_dir", None)
@@ -113,7 +120,8 @@ class OnnxRuntimeBackend:
         )
         self._input_name = inputs[0].name
         self._output_names = [outputs[0].name]
-        self._run_options = ort.RunOptions()
+        self._runs: dict[int, ort.RunOptions] = {}  # the runs in progress, for cancel()
+        self._runs_lock = threading.Lock()
         name, version = model_identity(path, metadata)
         self.info = BackendInfo(
             backend="onnxruntime",
@@ -135,12 +143,19 @@ class OnnxRuntimeBackend:
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         options = ort.RunOptions()  # a fresh one per run: a cancelled one stays cancelled
-        self._run_options = options
-        return self._session.run(self._output_names, {self._input_name: tensor}, options)[0]
+        with self._runs_lock:
+            self._runs[id(options)] = options
+        try:
+            return self._session.run(self._output_names, {self._input_name: tensor}, options)[0]
+        finally:
+            with self._runs_lock:
+                self._runs.pop(id(options), None)
 
     def cancel(self) -> None:
-        """Ask the run in progress to stop; it raises in its own thread shortly after."""
-        self._run_options.terminate = True
+        """Ask every run in progress to stop; each raises in its own thread shortly after."""
+        with self._runs_lock:
+            for options in self._runs.values():
+                options.terminate = True
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]

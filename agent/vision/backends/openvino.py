@@ -8,7 +8,10 @@ chooses by config: ``model.backend: openvino`` with ``model.openvino.device`` an
 it) loads too, with the metadata of the ONNX it came from (OpenVINO keeps it in rt_info); the
 factory still ships ONNX, one file through the OTA channel, and the compiled-model cache spares
 later starts the conversion. The output goes through the same decode and NMS as every backend.
-Imported only when that backend is asked for: the agent installs and runs without openvino.
+Several runs at once (the loop's inference workers) each take an infer request of their own;
+``model.openvino.streams`` lets the device overlap them (on a 2-core EPYC two streams did 1.16-1.22x
+the frames of one run at a time). Imported only when that backend is asked for: the agent
+installs and runs without openvino.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from agent.vision.backends.base import (
     resolve_detect_head,
     warm_up,
 )
+from agent.vision.backends.contexts import ContextPool
 
 QUANTIZED_OPS = ("FakeQuantize", "FakeConvert")
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
@@ -135,6 +139,8 @@ def _metadata(model: Any) -> dict[str, str]:
 
 
 class OpenVinoBackend:
+    concurrent = True  # each concurrent run takes its own infer request
+
     def __init__(self, path: Path, options: Any) -> None:
         settings = getattr(options, "openvino", None)
         device = getattr(settings, "device", "CPU")
@@ -170,13 +176,17 @@ class OpenVinoBackend:
         threads = getattr(options, "threads", 0)
         if threads and device.startswith("CPU"):
             config["INFERENCE_NUM_THREADS"] = threads
+        streams = getattr(settings, "streams", 0)
+        if streams:
+            config["NUM_STREAMS"] = streams
         try:
             compiled = core.compile_model(model, device, config)
         except Exception as exc:
             raise ModelError(
                 f"cannot compile {path} for OpenVINO {device}: {_first(exc)}"
             ) from None
-        self._request = compiled.create_infer_request()
+        self._compiled = compiled
+        self._requests = ContextPool(compiled.create_infer_request)  # one per run at once
         precision = metadata.get("precision") or (
             "int8" if any(op.get_type_name() in QUANTIZED_OPS for op in model.get_ops()) else "fp32"
         )
@@ -201,17 +211,20 @@ class OpenVinoBackend:
         warm_up(self, path, getattr(options, "warmup_runs", 1))
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
-        # asynchronous start + wait, so that the watchdog's cancel() can stop a hung run
-        self._request.start_async({0: np.ascontiguousarray(tensor, dtype=np.float32)})
-        self._request.wait()
-        return self._request.get_output_tensor(0).data.copy()  # the next run reuses the buffer
+        with self._requests.context() as request:
+            # asynchronous start + wait, so that the watchdog's cancel() can stop a hung run
+            request.start_async({0: np.ascontiguousarray(tensor, dtype=np.float32)})
+            request.wait()
+            return request.get_output_tensor(0).data.copy()  # the request's buffer is reused
 
     def cancel(self) -> None:
-        """Ask the run in progress to stop; its wait() raises shortly after."""
-        self._request.cancel()
+        """Ask every run in progress to stop; each wait() raises shortly after."""
+        for request in self._requests.busy():
+            request.cancel()
 
     def close(self) -> None:
-        self._request = None  # type: ignore[assignment]
+        self._requests = None  # type: ignore[assignment]
+        self._compiled = None
 
 
 def _dim(dimension: Any) -> int | str:

@@ -4,8 +4,10 @@ The .rknn that ``edge-models convert --target rk3588`` writes ends at the head's
 convolutions; ``split_head.merge_split_head`` finishes the head on the CPU, so the usual decode and
 NMS follow. Class names, input size and the model's identity come from the ``.rknn.json`` the
 converter writes beside it, or from the descriptor of the OTA slot it was installed into
-(``model_record``: an .rknn carries none of the ONNX metadata). All three NPU cores by
-default (``model.rknn.core_mask``). Imported only when configured: rknnlite exists only on boards.
+(``model_record``: an .rknn carries none of the ONNX metadata). One context on all three NPU
+cores by default (``model.rknn.core_mask``); with several cameras, a context per core
+(``model.rknn.contexts``), each run on an idle one, as Rockchip's multi-threaded YOLO examples do.
+Imported only when configured: rknnlite exists only on boards.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rknnlite.api import RKNNLite
 
 from agent.contract.errors import BackendUnavailable, ModelError
 from agent.vision.backends.base import BackendInfo, register, warm_up
+from agent.vision.backends.contexts import ContextPool
 from agent.vision.backends.model_record import read_record
 from agent.vision.split_head import merge_split_head, npu_input
 
@@ -31,6 +34,12 @@ CORE_MASKS = {
 }
 
 
+def context_cores(contexts: int, core_mask: str) -> list[str]:
+    """The core mask of each context: ``core_mask`` for one, a core of its own for each of
+    several (the RK3588 has three)."""
+    return [core_mask] if contexts <= 1 else [str(core) for core in range(min(contexts, 3))]
+
+
 class RknnBackend:
     def __init__(self, path: Path, options: Any) -> None:
         if path.suffix.lower() != ".rknn":
@@ -41,18 +50,22 @@ class RknnBackend:
         height, width = record.imgsz
         if not names:
             raise ModelError(f"{path}: no class names (in its .rknn.json or model.names)")
-        self._rknn = RKNNLite(verbose=False)
-        if self._rknn.load_rknn(str(path)) != 0:
-            raise ModelError(f"cannot load {path}: not an .rknn this runtime reads")
-        mask = getattr(getattr(options, "rknn", None), "core_mask", "0_1_2")
-        if self._rknn.init_runtime(core_mask=getattr(RKNNLite, CORE_MASKS[mask])) != 0:
-            raise BackendUnavailable(
-                "the RK3588 NPU runtime did not start (librknnrt.so and /dev/rknpu are needed; "
-                "this is not an RK3588 board or its NPU driver is missing)"
-            )
+        settings = getattr(options, "rknn", None)
+        mask = getattr(settings, "core_mask", "0_1_2")
+        cores = context_cores(getattr(settings, "contexts", 0), mask)
+        contexts: list[Any] = []
+        try:
+            for core in cores:
+                contexts.append(self._context(path, core))
+        except Exception:
+            for context in contexts:
+                context.release()
+            raise
+        self._contexts = ContextPool(ready=contexts)
+        self.concurrent = len(contexts) > 1  # several runs at once, one per context
         self.info = BackendInfo(
             backend="rknn",
-            provider=f"rk3588-npu:{mask}",
+            provider=f"rk3588-npu:{'+'.join(cores)}",
             model_path=str(path),
             model_name=metadata.get("model_name", path.stem),
             model_version=metadata.get("model_version", record.identity),
@@ -68,14 +81,30 @@ class RknnBackend:
         )
         warm_up(self, path, getattr(options, "warmup_runs", 1))
 
+    @staticmethod
+    def _context(path: Path, core: str) -> Any:
+        """The model loaded on the NPU runtime, bound to ``core`` (a CORE_MASKS key)."""
+        context = RKNNLite(verbose=False)
+        if context.load_rknn(str(path)) != 0:
+            raise ModelError(f"cannot load {path}: not an .rknn this runtime reads")
+        if context.init_runtime(core_mask=getattr(RKNNLite, CORE_MASKS[core])) != 0:
+            context.release()
+            raise BackendUnavailable(
+                "the RK3588 NPU runtime did not start (librknnrt.so and /dev/rknpu are needed; "
+                "this is not an RK3588 board or its NPU driver is missing)"
+            )
+        return context
+
     def infer(self, tensor: np.ndarray) -> np.ndarray:
-        outputs = self._rknn.inference(inputs=[npu_input(tensor)])
+        with self._contexts.context() as context:
+            outputs = context.inference(inputs=[npu_input(tensor)])
         if outputs is None:
             raise RuntimeError("RKNN inference failed")
         return merge_split_head(outputs)
 
     def close(self) -> None:
-        self._rknn.release()
+        for context in self._contexts.all():
+            context.release()
 
 
 @register("rknn")
