@@ -135,6 +135,9 @@ def test_a_stalled_camera_does_not_hold_up_the_others_and_comes_back(shared, fp3
     pipeline.start()
     try:
         wait_until(lambda: captures and captures[0].hung.is_set(), 60, "the camera to hang")
+        read = cameras[0].source.stats  # its last frame may still wait in the source's slot
+        wait_until(lambda: out["stalls"].frames_in + read.dropped == read.frames, 60,
+                   "the frames read before the hang to be taken")  # fmt: skip
         taken_before_hang = out["stalls"].frames_in
         others = {n: out[n].frames_out for n in ("room", "table")}
         wait_until(lambda: all(out[n].frames_out >= others[n] + 10 for n in others), 120,
@@ -240,6 +243,7 @@ def test_two_cameras_publish_under_their_own_topics(tmp_path, broker, fp32_model
     config = agent_config(
         tmp_path, fp32_model, None, {"port": broker.port},
         tracking={"enabled": True},
+        pipeline={"summary_interval_s": 1.0, "inference_workers": 2},
         cameras=[{"name": "carpark", "uri": str(videos / CLIPS["carpark"]), "pace": "live",
                   "loop": True},
                  {"name": "table", "uri": str(videos / CLIPS["table"]), "pace": "live",
@@ -255,6 +259,7 @@ def test_two_cameras_publish_under_their_own_topics(tmp_path, broker, fp32_model
             "edge/dev1/telemetry", where=lambda m: len(m.json()["cameras"]) == 2
         ).json()
         assert set(telemetry["cameras"]) == {"carpark", "table"}
+        assert telemetry["inference_workers"] == 2
         sub.publish("edge/dev1/cmd/snapshot", json.dumps({"camera": "table"}))
         snapshot = sub.wait_topic("edge/dev1/cmd/snapshot/result").json()
         assert snapshot["ok"] and snapshot["result"]["camera"] == "table"

@@ -52,6 +52,7 @@ class Telemetry:
             "frames": {k: snap[k] for k in FRAME_COUNTERS},
             "latency_ms": snap["latency_ms"],
             "inference_ms": snap["latency_ms"]["inference"]["p50"],
+            "inference_workers": self.pipeline.workers,
             "source": {"name": source.name, **source.stats.as_dict()},
             "cameras": {camera.name: self._camera(camera) for camera in self.pipeline.cameras},
             **self.probes.read(),

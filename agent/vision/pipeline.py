@@ -483,10 +483,11 @@ class Pipeline:
         return camera.gate.admit(frame.image, frame.captured, busy)
 
     def _inference_loop(self, worker: Worker) -> None:
-        while True:
+        while not worker.abandoned:  # given up on: its replacement carries on
             job, ticket = self._in_order.take(self._to_infer.get, _END)
             if ticket is None:
-                break
+                self._end_inference_worker(worker)
+                return
             worker.ticket = ticket
             passed_on = self._infer(job, worker)
             if worker.abandoned:
@@ -494,7 +495,6 @@ class Pipeline:
                 return
             worker.ticket = None
             self._in_order.finish(ticket, job if passed_on else None)
-        self._end_inference_worker(worker)
 
     def _infer(self, job: Job, worker: Worker) -> bool:
         """Run the model on one frame; False when the frame goes no further (late, failed)."""

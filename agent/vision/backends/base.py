@@ -69,6 +69,9 @@ class BackendInfo:
 
 @runtime_checkable
 class Backend(Protocol):
+    """A loaded model. A backend whose ``infer`` may run in several threads at once says so
+    with ``concurrent = True``; the loop takes any other one a run at a time."""
+
     info: BackendInfo
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
