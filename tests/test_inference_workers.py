@@ -124,6 +124,23 @@ def test_two_workers_run_the_model_at_once_and_every_camera_keeps_its_order(shar
     assert sum(len(v) for v in results.by_camera.values()) == 60
 
 
+def test_a_backend_that_runs_one_at_a_time_gets_one_worker(shared, fp32_backend):
+    class OneAtATime:
+        def __init__(self, inner):
+            self.inner, self.info = inner, inner.info
+
+        def infer(self, tensor):
+            return self.inner.infer(tensor)
+
+    feeds = cameras(shared, 2)
+    model = ActiveModel(OneAtATime(fp32_backend))
+    settings = PipelineConfig(inference_workers=2)
+    pipeline = Pipeline(None, model, [Results()], DetectionConfig(), settings, cameras=feeds)
+    for feed in feeds:
+        feed.source.close()
+    assert pipeline.workers == 1
+
+
 class StuckOnce:
     """The real model, stuck on its ``stuck_on``-th run until released (a hung driver call)."""
 

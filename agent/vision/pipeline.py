@@ -201,6 +201,8 @@ class Pipeline:
             ("capture", "preprocess", "inference", "postprocess"), None
         )
         self.workers = inference_workers(config.inference_workers, len(self.cameras))
+        if not getattr(model(), "concurrent", False):
+            self.workers = 1  # its runtime takes one run at a time: more would only queue
         self._workers: list[Worker] = []  # the inference threads not given up on
         self._workers_lock = threading.Lock()
         self._workers_started = 0
