@@ -10,20 +10,10 @@ from agent.loading import ModelLoader
 from agent.vision import ActiveModel, CameraFeed, Pipeline, open_source
 from agent.vision.inference_workers import InOrder, inference_workers, threads_per_run
 from tests.conftest import wait_until
+from tests.test_cameras import Results
 
 CLIPS = ("person-bicycle-car-detection.mp4", "one-by-one-person-detection.mp4",
          "bottle-detection.mp4")  # fmt: skip
-
-
-class Results:
-    def __init__(self):
-        self.by_camera: dict[str, list] = {}
-
-    def emit(self, result):
-        self.by_camera.setdefault(result.camera, []).append(result)
-
-    def close(self):
-        pass
 
 
 def cameras(shared, count: int) -> list[CameraFeed]:
