@@ -10,9 +10,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ModelConfig
 from agent.updates import ModelManager, with_identity
 from agent.vision import Backend, inference_workers, load_backend, threads_per_run
+
+
+def options_for_workers(options: ModelConfig, workers: int) -> ModelConfig:
+    """With several runs at once, each gets its share of the device where not configured: an
+    ONNX Runtime run its share of the cores, OpenVINO a stream per run, an RK3588 a context per
+    NPU core (up to its three)."""
+    if workers <= 1:
+        return options
+    if options.backend == "onnxruntime" and options.threads == 0:
+        options = options.model_copy(update={"threads": threads_per_run(workers)})
+    if options.backend == "openvino" and options.openvino.streams == 0:
+        streams = options.openvino.model_copy(update={"streams": workers})
+        options = options.model_copy(update={"openvino": streams})
+    if options.backend == "rknn" and options.rknn.contexts == 0:
+        contexts = options.rknn.model_copy(update={"contexts": min(workers, 3)})
+        options = options.model_copy(update={"rknn": contexts})
+    return options
 
 
 class ModelLoader:
@@ -26,16 +43,7 @@ class ModelLoader:
             )
             options = options.model_copy(update={"openvino": openvino})
         workers = inference_workers(config.pipeline.inference_workers, len(config.camera_list()))
-        if workers > 1:  # several runs at once: each its share of the device
-            if options.backend == "onnxruntime" and options.threads == 0:
-                options = options.model_copy(update={"threads": threads_per_run(workers)})
-            if options.backend == "openvino" and options.openvino.streams == 0:
-                streams = options.openvino.model_copy(update={"streams": workers})
-                options = options.model_copy(update={"openvino": streams})
-            if options.backend == "rknn" and options.rknn.contexts == 0:
-                contexts = options.rknn.model_copy(update={"contexts": min(workers, 3)})
-                options = options.model_copy(update={"rknn": contexts})
-        self.options = options
+        self.options = options_for_workers(options, workers)
         self.manager: ModelManager | None = None  # set when OTA is on: the active model is a slot
 
     def load(self, path: Path) -> Backend:

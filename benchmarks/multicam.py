@@ -35,6 +35,7 @@ from common import ROOT, shared_dir_or_exit
 
 from agent.config import DetectionConfig, ModelConfig, PipelineConfig, SourceConfig
 from agent.demo_inputs import DEMO_MODEL
+from agent.loading import options_for_workers
 from agent.vision import (
     ActiveModel,
     CameraFeed,
@@ -42,7 +43,6 @@ from agent.vision import (
     inference_workers,
     load_backend,
     open_source,
-    threads_per_run,
     usable_cores,
 )
 
@@ -79,14 +79,8 @@ def bare_fps(backend, seconds: float, runs: int = 1) -> float:
 
 
 def load_as_the_agent_does(backend: str, model: Path, workers: int):
-    """The model as ``agent.loading`` loads it for ``workers`` runs at once: each ONNX Runtime
-    run with its share of the cores, an OpenVINO stream per run."""
-    options = ModelConfig(path=model, backend=backend)
-    if workers > 1 and backend == "onnxruntime":
-        options = options.model_copy(update={"threads": threads_per_run(workers)})
-    if workers > 1 and backend == "openvino":
-        streams = options.openvino.model_copy(update={"streams": workers})
-        options = options.model_copy(update={"openvino": streams})
+    """The model as the agent loads it for ``workers`` runs at once."""
+    options = options_for_workers(ModelConfig(path=model, backend=backend), workers)
     return load_backend(backend, model, options)
 
 

@@ -86,6 +86,7 @@ class RknnBackend:
         """The model loaded on the NPU runtime, bound to ``core`` (a CORE_MASKS key)."""
         context = RKNNLite(verbose=False)
         if context.load_rknn(str(path)) != 0:
+            context.release()
             raise ModelError(f"cannot load {path}: not an .rknn this runtime reads")
         if context.init_runtime(core_mask=getattr(RKNNLite, CORE_MASKS[core])) != 0:
             context.release()
