@@ -7,6 +7,7 @@ import json
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,9 @@ class Subscriber:
         kwargs = {
             "callback_api_version": CallbackAPIVersion.VERSION2,
             "protocol": protocol,
-            "client_id": client_id or f"test-sub-{free_port()}",
+            # unique: a port number can come back, and a second client with the same id makes
+            # the broker drop the first (the two then take the session from each other)
+            "client_id": client_id or f"test-sub-{uuid.uuid4().hex[:12]}",
         }
         if protocol != paho.MQTTv5:
             kwargs["clean_session"] = clean
