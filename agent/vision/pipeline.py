@@ -541,7 +541,9 @@ class Pipeline:
         taken by one worker at a time."""
         if getattr(model, "concurrent", False):
             return model.infer(tensor)
-        lock = self._exclusive.setdefault(id(model), threading.Lock())
+        lock = self._exclusive.get(id(model))
+        if lock is None:  # once per backend, not a new Lock per frame
+            lock = self._exclusive.setdefault(id(model), threading.Lock())
         with lock:
             return model.infer(tensor)
 
