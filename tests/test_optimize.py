@@ -122,7 +122,7 @@ def test_optimize_refuses_an_unknown_chain_before_any_work(fp32_model, shared, t
     result = models_cli("optimize", "--model", fp32_model, "--frames", shared / "images",
                         "--data", shared / "datasets" / "coco8", "--target", "cpu-x86_64",
                         "--report", report, "--chains", "ptq,magic")  # fmt: skip
-    one_line_error(result, "choose from ptq, prune, prune+ptq, qat")
+    one_line_error(result, "choose from ptq, prune, prune+ptq, qat, prune+qat")
     assert not report.exists()
 
 

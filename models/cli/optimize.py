@@ -81,7 +81,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
     record = qat_model(args.model, args.out, args.frames, args.steps, args.target, args.size,
                        args.data, args.overwrite, lr=args.lr, checkpoint_s=args.checkpoint_every,
-                       device=args.device)  # fmt: skip
+                       device=args.device, teacher_path=args.teacher)  # fmt: skip
     print(f"wrote {args.out} for {args.target} ({record['scheme']} QDQ by quantization-aware "
           f"training: {record['fake_quantizers']} fake quantizers, {record['steps']} step(s), "
           f"loss {record['loss'][0]} -> {record['loss'][1]})")  # fmt: skip
@@ -176,14 +176,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     qa.add_argument("--model", type=Path, required=True, help="float (or pruned) YOLOv8 ONNX")
     qa.add_argument("--target", required=True, help="deployment target (its INT8 recipe)")
+    qa.add_argument(
+        "--teacher", type=Path,
+        help="float model to distil from (default: --model itself; give the unpruned model "
+        "when --model is pruned: the training then recovers pruning's loss too)",
+    )  # fmt: skip
     recovery_arguments(qa)
     learning_rate_argument(qa)
     qa.set_defaults(func=cmd_qat)
 
     op = sub.add_parser(
         "optimize",
-        help="run optimisation chains (ptq, prune, prune+ptq, qat) and write one before/after "
-        "report",
+        help="run optimisation chains (ptq, prune, prune+ptq, qat, prune+qat) and write one "
+        "before/after report",
     )
     op.add_argument("--model", type=Path, required=True, help="float YOLOv8 ONNX")
     op.add_argument("--frames", type=Path, required=True, help="unlabelled frames (calibration, "
@@ -191,7 +196,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     op.add_argument("--data", type=Path, required=True, help="the evaluation set")
     op.add_argument("--target", required=True, help="deployment target")
     op.add_argument("--report", type=Path, required=True, help="report folder to write")
-    op.add_argument("--chains", default="ptq,prune,prune+ptq,qat")
+    op.add_argument("--chains", default="ptq,prune,prune+ptq,qat,prune+qat")
     op.add_argument("--ratio", type=float, default=0.3)
     op.add_argument("--steps", type=int, default=300, help="recovery steps after pruning (300)")
     op.add_argument("--stages", type=int, default=3, help="prune in this many steps (3)")

@@ -1,16 +1,17 @@
 """``edge-models optimize``: the chains our users compare, and one before/after report.
 
-Chains (any of them, in one run): ``ptq`` (the target's post-training recipe), ``prune``
-(pruning + distillation), ``prune+ptq`` (the pruned model quantized), ``qat``
-(quantization-aware training). Every model is evaluated side by side with the source on the
-evaluation set (latency interleaved, on the target's kernels where they are this machine's;
+Chains (any of them, in one run): ``ptq`` (the target's post-training recipe), ``prune`` (pruning +
+distillation), ``prune+ptq`` (the pruned model quantized), ``qat`` (quantization-aware training),
+``prune+qat`` (the pruned model's QAT, distilled from the source: it goes on recovering what
+pruning lost while it learns the rounding). Every model is evaluated side by side with the source
+on the evaluation set (latency interleaved, on the target's kernels where they are this machine's;
 accuracy only under emulation otherwise), and the report folder gets report.md, report.json,
 comparison.png, accuracy_vs_latency.png, recovery.png (the training losses) and the models
-themselves. It is built beside the destination and renamed into place at the end: an
-interrupted run leaves nothing there. The models are made in a stash among the checkpoints
-(named by the run's inputs and settings), each written whole: run the same command again after
-an interruption and the models already made are taken from there, and a pruning or QAT cut
-short resumes from its own checkpoint.
+themselves. It is built beside the destination and renamed into place at the end: an interrupted
+run leaves nothing there. The models are made in a stash among the checkpoints (named by the run's
+inputs and settings), each written whole: run the same command again after an interruption and the
+models already made are taken from there, and a pruning or QAT cut short resumes from its own
+checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from onnx import shape_inference
 
 from models.errors import FactoryError
 
-CHAINS = ("ptq", "prune", "prune+ptq", "qat")
+CHAINS = ("ptq", "prune", "prune+ptq", "qat", "prune+qat")
 
 
 def parse_chains(text: str) -> list[str]:
@@ -109,7 +110,7 @@ def optimize(
         paths = [model, *built.values()]
         native = target == detect().target
         runner = None if native else runner_for(target)
-        quantized = {"ptq", "prune+ptq", "qat"}
+        quantized = {"ptq", "prune+ptq", "qat", "prune+qat"}
         runners = [None] + [runner if name in quantized else None for name in built]
         results = evaluate(paths, dataset, latency_rounds=rounds, runners=runners)
         for result, name in zip(results, ["source", *built], strict=True):
@@ -170,7 +171,7 @@ def _models(stash: Path, model: Path, frames: Path, learning: Any, target: str, 
             stash / "ptq.onnx",
             lambda out: quantize(model, frames, out, settings, target=target),
         )
-    if "prune" in chains or "prune+ptq" in chains:
+    if {"prune", "prune+ptq", "prune+qat"} & set(chains):
         pruned = make("prune", stash / "pruned.onnx", lambda out: prune_model(
             model, out, ratio, learning, steps, stages=stages))  # fmt: skip
         if "prune" in chains:
@@ -182,17 +183,20 @@ def _models(stash: Path, model: Path, frames: Path, learning: Any, target: str, 
     if "qat" in chains:
         built["qat"] = make("qat", stash / "qat.onnx", lambda out: qat_model(
             model, out, learning, qat_steps, target))  # fmt: skip
+    if "prune+qat" in chains and pruned is not None:
+        built["prune+qat"] = make("prune+qat", stash / "pruned-qat.onnx", lambda out: qat_model(
+            pruned, out, learning, qat_steps, target, teacher_path=model))  # fmt: skip
     trained = {"prune": pruned} if pruned is not None else {}
-    if "qat" in built:
-        trained["qat"] = built["qat"]
+    trained.update({name: built[name] for name in ("qat", "prune+qat") if name in built})
     return built, trained
 
 
 def _record(path: Path) -> dict[str, Any] | None:
-    """What the training step wrote into the model (pruning or QAT), or None for PTQ."""
+    """What the last training step wrote into the model (QAT, else pruning), or None for PTQ.
+    A pruned model's QAT keeps the pruning record it inherited beside its own."""
     metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
                 .metadata_props}  # fmt: skip
-    for key in ("pruning", "quantization"):
+    for key in ("quantization", "pruning"):
         if key in metadata:
             try:
                 found = json.loads(metadata[key])

@@ -289,6 +289,23 @@ class _PruneRun:
         )
 
 
+def refuse_other_heads(student: Detector, teacher: Detector) -> None:
+    """Distillation compares head maps: both models need the same classes and map layout.
+
+    Raises:
+        FactoryError: the heads differ (named, with both layouts).
+    """
+    probe = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        theirs = [tuple(m.shape[1:]) for m in teacher.module.eval()(probe)]
+        ours = [tuple(m.shape[1:]) for m in student.module.eval()(probe)]
+    if theirs != ours:
+        raise FactoryError(
+            f"{student.source.name} and {teacher.source.name} have different heads "
+            f"({ours} vs {theirs}): distillation needs the same classes and map layout"
+        )
+
+
 def distill_model(
     teacher_path: Path,
     student_path: Path,
@@ -314,15 +331,7 @@ def distill_model(
     learning = _learning(frames, data, size, device, out, overwrite)
     learn, where, size = learning.frames, learning.device, learning.size
     teacher, student = load_detector(teacher_path), load_detector(student_path)
-    probe = torch.zeros(1, 3, 64, 64)
-    with torch.no_grad():
-        theirs = [tuple(m.shape[1:]) for m in teacher.module.eval()(probe)]
-        ours = [tuple(m.shape[1:]) for m in student.module.eval()(probe)]
-    if theirs != ours:
-        raise FactoryError(
-            f"{student_path.name} and {teacher_path.name} have different heads "
-            f"({ours} vs {theirs}): distillation needs the same classes and map layout"
-        )
+    refuse_other_heads(student, teacher)
     checkpoint = _checkpoint("distill", out, [teacher_path, student_path], learn, checkpoint_s,
                              steps=steps, size=size, lr=lr)  # fmt: skip
     record = {
@@ -348,14 +357,18 @@ def qat_model(
     lr: float = 1e-4,
     checkpoint_s: float = 60.0,
     device: str = "auto",
+    teacher_path: Path | None = None,
 ) -> dict[str, Any]:
     """Quantization-aware fine-tuning of ``model`` (float, pruned or not) for ``target``, with
-    distillation from ``model`` itself; writes a QDQ ONNX like ``quantize``'s; returns its record.
+    distillation from ``teacher_path`` (default: ``model`` itself; for a pruned model, the
+    unpruned one, so the training recovers what pruning lost as well as what rounding does);
+    writes a QDQ ONNX like ``quantize``'s; returns its record.
     An interrupted run resumes from its checkpoint when called again the same way.
 
     Raises:
         FactoryError: bad steps, an existing output, no frames, evaluation images among them, a
-            model that is not a float YOLOv8 detector, a target this recipe does not cover.
+            model that is not a float YOLOv8 detector, a teacher with another head, a target
+            this recipe does not cover.
     """
     from models.optimize.qat import CALIBRATION_FRAMES, fold_weight_quantizers, freeze, prepare
     from models.quantize import fast_dfl_layout
@@ -365,14 +378,19 @@ def qat_model(
     recipe(target)  # raises for a target the quantizer does not make (rk3588)
     learning = _learning(frames, data, size, device, out, overwrite)
     learn, where, size = learning.frames, learning.device, learning.size
-    teacher = load_detector(model)
+    base = load_detector(model)
+    teacher = base if teacher_path is None else load_detector(teacher_path)
+    refuse_other_heads(base, teacher)
     with _bar(min(len(learn.images), CALIBRATION_FRAMES), "activation ranges", unit="frame") as bar:
-        student, record = prepare(teacher, target, learn.images, bar.update)
-    checkpoint = _checkpoint("qat", out, [model], learn, checkpoint_s, steps=steps, size=size,
+        student, record = prepare(base, target, learn.images, bar.update)
+    sources = [model] if teacher_path is None else [model, teacher_path]
+    checkpoint = _checkpoint("qat", out, sources, learn, checkpoint_s, steps=steps, size=size,
                              lr=lr, target=target)  # fmt: skip
     record.update(_trained(student, teacher, learn, steps, "quantization-aware training", size,
                            lr, checkpoint, where, before_measuring=freeze))  # fmt: skip
-    record["source_sha256"] = teacher.source_sha256
+    record["source_sha256"] = base.source_sha256
+    if teacher_path is not None:
+        record["teacher"], record["teacher_sha256"] = teacher_path.name, teacher.source_sha256
     folded: list[int] = []
     export(student, out, {"quantization": record}, {"precision": "int8", "target": target},
            body_pass=lambda body: folded.append(fold_weight_quantizers(body)),

@@ -246,15 +246,18 @@ def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path
         (frames_dir / path.name).write_bytes(path.read_bytes())
     report = tmp_path / "report"
     data = optimize(fp32_model, frames_dir, shared / "datasets" / "coco8",
-                    detect_target().target, report, ["ptq", "prune", "prune+ptq", "qat"],
+                    detect_target().target, report,
+                    ["ptq", "prune", "prune+ptq", "qat", "prune+qat"],
                     steps=2, qat_steps=2, rounds=2)  # fmt: skip
     names = [m["name"].split(" ")[0] for m in data["models"]]
-    assert names == ["source", "ptq", "prune", "prune+ptq", "qat"]
+    assert names == ["source", "ptq", "prune", "prune+ptq", "qat", "prune+qat"]
     assert data["macs"][2] < 0.75 * data["macs"][0]  # 30 % of the channels: about 0.6x MACs
     assert abs(data["macs"][1] / data["macs"][0] - 1) < 0.01  # PTQ: the same convolutions
     for made in ("report.md", "report.json", "comparison.png", "accuracy_vs_latency.png",
-                 "recovery.png", "models/pruned-ptq.onnx", "models/qat.onnx"):  # fmt: skip
+                 "recovery.png", "models/pruned-ptq.onnx", "models/qat.onnx",
+                 "models/pruned-qat.onnx"):  # fmt: skip
         assert (report / made).is_file(), made
     assert len(data["records"]["prune"]["curve"]) == 2
+    assert data["records"]["prune+qat"]["teacher"] == fp32_model.name
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
     assert not list((tmp_path / "checkpoints").iterdir())  # the stash goes once the report is made

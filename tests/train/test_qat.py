@@ -140,3 +140,48 @@ def test_qat_starts_from_the_activation_ranges_quantize_takes_on_the_same_frames
         if any(values[n.input[i]] != values[n.input[0]] for i in range(3, len(n.input), 3))
     ]
     assert len(concats) >= 10 and len(apart) >= len(concats) // 2, (len(apart), len(concats))
+
+
+def test_qat_of_a_pruned_model_distils_from_the_unpruned_teacher(fp32_model, shared, tmp_path):
+    """With --teacher the training measures (and so recovers) what pruning lost as well as what
+    rounding costs: its starting loss is far above the one against the pruned model itself."""
+    import copy
+
+    from models.optimize.frames import content_hash
+    from models.optimize.prune import prune_groups, pruner_for
+
+    teacher = load_detector(fp32_model)
+    student = copy.deepcopy(teacher)
+    frames = load_frames(frame_paths(shared / "images"), (320, 320))
+    for _ in prune_groups(pruner_for(student, {}, 0.3, 8, 1), student, frames):
+        pass
+    pruned = tmp_path / "pruned.onnx"
+    export(student, pruned, {"pruning": {"ratio": 0.3}})
+    target = detect_target().target
+    alone = qat_model(pruned, tmp_path / "alone.onnx", shared / "images", 2, target, size=320)
+    out = tmp_path / "taught.onnx"
+    taught = qat_model(pruned, out, shared / "images", 2, target, size=320,
+                       teacher_path=fp32_model)  # fmt: skip
+    assert taught["teacher"] == fp32_model.name
+    assert taught["teacher_sha256"] == content_hash(fp32_model) and "teacher" not in alone
+    assert taught["loss"][0] > 2 * alone["loss"][0], (taught["loss"], alone["loss"])
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": np.zeros((1, 3, 640, 640), np.float32)})[0].shape == (
+        1, 84, 8400)  # fmt: skip
+
+
+def test_a_teacher_with_another_head_is_refused(fp32_model):
+    import copy
+
+    from models.errors import FactoryError
+    from models.optimize.runs import refuse_other_heads
+
+    teacher = load_detector(fp32_model)
+    student = copy.deepcopy(teacher)
+    conv = student.names["head_class_p3"]
+    conv.weight = torch.nn.Parameter(conv.weight[:20].clone())  # a 20-class head
+    conv.bias = torch.nn.Parameter(conv.bias[:20].clone())
+    conv.out_channels = 20
+    refuse_other_heads(copy.deepcopy(teacher), teacher)  # the same head passes
+    with pytest.raises(FactoryError, match="different heads"):
+        refuse_other_heads(student, teacher)
