@@ -19,7 +19,8 @@ benchmarks/optimize.py`. About --steps x 0.8 s a ratio at 640 px on a quiet 2-co
 (Zen 5): 4200 steps is the goal's 60 minutes there.
 
 Usage: python benchmarks/optimize.py [--ratios 0.1,0.2,0.3,0.4] [--steps 2400] [--size 640]
-       [--lr 1e-4] [--qat-steps 0] [--rounds 40] [--report DIR] [--data DIR] [--frames DIR]
+       [--lr 1e-4] [--qat-steps 0] [--qat-lr 1e-4] [--rounds 40] [--report DIR] [--data DIR]
+       [--frames DIR]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> int:
         default=0,
         help="QAT steps on top of each distilled model, taught by fp32 (0: none)",
     )
+    parser.add_argument("--qat-lr", type=float, default=1e-4, help="QAT's peak rate (1e-4)")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved latency rounds")
     parser.add_argument("--data", type=Path, help="evaluation set (default: voc2007-val)")
     parser.add_argument("--frames", type=Path, help="recovery frames (default: voc2007-train)")
@@ -79,8 +81,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edge-curve-") as tmp:
         work = args.report / "models" if args.report else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        common = ["--frames", frames, "--data", data, "--size", args.size, "--lr", args.lr,
-                  "--overwrite"]  # fmt: skip
+        common = ["--frames", frames, "--data", data, "--size", args.size, "--overwrite"]
         models, seconds = [fp32], {}
         ptq = work / "ptq.onnx"
         cli("quantize", "--model", fp32, "--frames", frames, "--data", data, "--out", ptq,
@@ -92,8 +93,8 @@ def main() -> int:
             cli("prune", "--model", fp32, "--ratio", ratio, "--steps", 0,
                 "--stages", args.stages, "--out", bare, *common)  # fmt: skip
             seconds[ratio] = cli("prune", "--model", fp32, "--ratio", ratio, "--steps",
-                                 args.steps, "--stages", args.stages, "--out", distilled,
-                                 *common)  # fmt: skip
+                                 args.steps, "--stages", args.stages, "--lr", args.lr,
+                                 "--out", distilled, *common)  # fmt: skip
             final = work / f"{name}+distill+int8.onnx"
             cli("quantize", "--model", distilled, "--frames", frames, "--data", data, "--out",
                 final, "--target", host.target, "--quiet", "--overwrite")  # fmt: skip
@@ -102,7 +103,8 @@ def main() -> int:
                 taught = work / f"{name}+distill+qat.onnx"
                 seconds[f"{ratio}+qat"] = cli(
                     "qat", "--model", distilled, "--teacher", fp32, "--target", host.target,
-                    "--steps", args.qat_steps, "--out", taught, *common)  # fmt: skip
+                    "--steps", args.qat_steps, "--lr", args.qat_lr, "--out", taught,
+                    *common)  # fmt: skip
                 models.append(taught)
         dataset = load_dataset(data)
         results = evaluate(models, dataset, latency_rounds=args.rounds)
