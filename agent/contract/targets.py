@@ -127,11 +127,15 @@ class Detected:
     cpu: str
     features: tuple[str, ...]  # the CPU features that matter for int8 kernels, as the OS lists them
     accelerators: tuple[str, ...] = field(default=())
+    # x86 "family F model M": virtual machines often name only "AMD EPYC", and the generation
+    # decides how INT8 compares with float32 (Zen 5's float32 is twice Zen 4's)
+    generation: str = ""
 
     def describe(self) -> str:
         extras = f"; accelerators: {', '.join(self.accelerators)}" if self.accelerators else ""
+        generation = f", {self.generation}" if self.generation else ""
         return (
-            f"{self.target} ({self.cpu}, {self.arch}; features: "
+            f"{self.target} ({self.cpu}{generation}, {self.arch}; features: "
             f"{' '.join(self.features) or 'none of note'}{extras})"
         )
 
@@ -166,7 +170,10 @@ def from_cpuinfo(cpuinfo: str, machine: str, accelerators: tuple[str, ...] = ())
     ``cpu-x86_64-vnni`` when any of :data:`VNNI_FLAGS` is listed and ``cpu-x86_64`` without.
     """
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine.lower())
+    generation = ""
     if arch == "x86_64":
+        family, model = _field(cpuinfo, "cpu family"), _field(cpuinfo, "model")
+        generation = f"family {family} model {model}" if family and model else ""
         flags = set((_field(cpuinfo, "flags") or "").split())
         features = tuple(f for f in _X86_REPORTED if f in flags)
         target = "cpu-x86_64-vnni" if flags & set(VNNI_FLAGS) else "cpu-x86_64"
@@ -181,7 +188,7 @@ def from_cpuinfo(cpuinfo: str, machine: str, accelerators: tuple[str, ...] = ())
         if accelerator in TARGETS or accelerator.startswith("jetson"):
             target = accelerator
             break
-    return Detected(target, arch, cpu, features, accelerators)
+    return Detected(target, arch, cpu, features, accelerators, generation)
 
 
 def _accelerators(root: Path) -> tuple[str, ...]:
