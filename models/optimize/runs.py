@@ -379,8 +379,10 @@ def qat_model(
     learning = _learning(frames, data, size, device, out, overwrite)
     learn, where, size = learning.frames, learning.device, learning.size
     base = load_detector(model)
-    teacher = base if teacher_path is None else load_detector(teacher_path)
-    refuse_other_heads(base, teacher)
+    teacher = base
+    if teacher_path is not None:  # a model is its own teacher without the check's two forwards
+        teacher = load_detector(teacher_path)
+        refuse_other_heads(base, teacher)
     with _bar(min(len(learn.images), CALIBRATION_FRAMES), "activation ranges", unit="frame") as bar:
         student, record = prepare(base, target, learn.images, bar.update)
     sources = [model] if teacher_path is None else [model, teacher_path]
