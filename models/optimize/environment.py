@@ -17,13 +17,16 @@ from pathlib import Path
 
 from models.environments import cached_python
 
-TRAIN_PINS = "torch==2.14.1 torchvision==0.29.1 torch-pruning==1.6.1 onnx2torch==1.5.15"
+TRAIN_PINS = (
+    "torch==2.14.1 torchvision==0.29.1 torch-pruning==1.6.1 onnx2torch==1.5.15 torchao==0.18.0"
+)
 ENV_VAR = "EDGE_MODELS_TRAIN_PYTHON"
 CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def has_toolchain() -> bool:
-    return all(importlib.util.find_spec(m) for m in ("torch", "torch_pruning", "onnx2torch"))
+    modules = ("torch", "torch_pruning", "onnx2torch", "torchao")
+    return all(importlib.util.find_spec(m) for m in modules)
 
 
 def train_python() -> Path:

@@ -1,20 +1,22 @@
 """Quantization-aware training: fake-quantized fine-tuning with distillation from the float model,
 exported as the same QDQ form `edge-models quantize` writes for the target.
 
-torch's FX graph mode (``prepare_qat_fx``) inserts fake quantizers around every convolution of the
-converted body (onnx2torch's own op modules are left as they are: they are marked non-traceable),
-with the target's recipe from ``models.recipes``: uint8 activations for x86 (ONNX Runtime fuses
-only U8S8 there), int8 for aarch64, symmetric int8 for TensorRT; per-channel symmetric int8
-weights (-128..127), 7-bit in the first convolution for ``cpu-x86_64`` (AVX2's vpmaddubsw
+The converted body is captured by ``torch.export`` and fake-quantized by torchao's pt2e
+``prepare_qat_pt2e`` (torch's FX quantization, used before, is deprecated and leaves
+onnx2torch's own modules float). ``RecipeQuantizer`` annotates the graph where ONNX Runtime's
+quantizer puts its QuantizeLinear/DequantizeLinear pairs for the target's recipe
+(``models.recipes``): every convolution's input, weights and output, Sigmoid, Mul, Add and Concat
+with ranges of their own (a concat too: torch's default shares one range across it and its
+inputs), MaxPool and the upsample sharing their input's range; uint8 activations for x86 (ONNX
+Runtime fuses only U8S8 there), int8 for aarch64, symmetric int8 for TensorRT; per-channel
+symmetric int8 weights, 7-bit in the first convolution for ``cpu-x86_64`` (AVX2's vpmaddubsw
 saturation). Activation ranges are calibrated as ``quantize`` calibrates them (the recipe's
 percentile of every value on the same evenly picked frames), then held while the student trains
 against the float teacher's raw head maps: training starts from PTQ's model and learns weights that
-suit its ranges, instead of starting from min-max ranges of a few frames (min-max alone costs
-PTQ about a point on voc2007-val) and chasing a moving average of them. Export: observers frozen,
-``torch.onnx.export`` turns every fake quantizer into a QuantizeLinear/DequantizeLinear pair; the
-weights' pairs are folded into integer initializers (ONNX Runtime fuses only constant-int8-weight
-patterns into integer convolutions), and the float decode is grafted back, so the head's
-post-processing stays float as in PTQ.
+suit its ranges. Export: observers frozen, ``torch.onnx.export`` turns every fake quantizer into a
+QuantizeLinear/DequantizeLinear pair; the weights' pairs are folded into integer initializers
+(ONNX Runtime fuses only constant-int8-weight patterns into integer convolutions), and the float
+decode is grafted back, so the head's post-processing stays float as in PTQ.
 """
 
 from __future__ import annotations
@@ -29,23 +31,23 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from torch.ao.quantization import (
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e import (
     FakeQuantize,
     MinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
-    QConfig,
-    QConfigMapping,
+    allow_exported_model_train_eval,
     disable_fake_quant,
     disable_observer,
     enable_fake_quant,
 )
-from torch.ao.quantization.backend_config import (
-    BackendConfig,
-    ObservationType,
-    get_native_backend_config,
+from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer import (
+    QuantizationAnnotation,
+    QuantizationSpec,
+    Quantizer,
+    SharedQuantizationSpec,
 )
-from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
-from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 from models.activation_ranges import Tails
 from models.calibration import even_picks
@@ -53,6 +55,12 @@ from models.optimize.torch_model import Detector
 from models.recipes import recipe
 
 CALIBRATION_FRAMES = 300  # as many as `edge-models quantize --count` takes by default
+ANNOTATION = "quantization_annotation"  # the node.meta key pt2e reads (torchao's Q_ANNOTATION_KEY)
+aten = torch.ops.aten
+# ops with ranges of their own (ONNX Runtime's QLinear* forms), and ops that keep their input's
+OWN_RANGE = (aten.sigmoid.default, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor,
+             aten.cat.default)  # fmt: skip
+INPUT_RANGE = (aten.max_pool2d.default, aten.upsample_nearest2d.vec)
 
 
 class PercentileObserver(MinMaxObserver):
@@ -79,94 +87,123 @@ class PercentileObserver(MinMaxObserver):
         return x_orig
 
 
-def qconfig_mapping(target: str, first_conv: str,
-                    frames: int = 1) -> tuple[QConfigMapping, dict[str, Any]]:  # fmt: skip
-    """The fake quantizers for ``target``'s recipe (activation ranges for ``frames`` calibration
-    frames), and the recipe as recorded."""
-    settings = recipe(target)
-    observed = {"observer": PercentileObserver, "percentile": settings.percentile, "frames": frames}
-    if settings.activations == "uint8":
-        activation = FakeQuantize.with_args(
-            quant_min=0, quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-            **observed,
+class RecipeQuantizer(Quantizer):
+    """Fake quantizers where ONNX Runtime's quantizer puts Q/DQ pairs, with ``target``'s recipe
+    (ranges for ``frames`` calibration frames)."""
+
+    def __init__(self, target: str, frames: int = 1) -> None:
+        super().__init__()
+        settings = recipe(target)
+        observed = PercentileObserver.with_args(percentile=settings.percentile, frames=frames)
+        if settings.activations == "uint8":
+            low, high, dtype, scheme = 0, 255, torch.uint8, torch.per_tensor_affine
+        else:
+            low, high, dtype = -128, 127, torch.int8
+            scheme = (torch.per_tensor_symmetric if settings.symmetric_activations
+                      else torch.per_tensor_affine)  # fmt: skip
+        self.activation = QuantizationSpec(
+            dtype=dtype, quant_min=low, quant_max=high, qscheme=scheme,
+            observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observed),
         )  # fmt: skip
-    else:
-        scheme = (
-            torch.per_tensor_symmetric
-            if settings.symmetric_activations
-            else torch.per_tensor_affine
-        )
-        activation = FakeQuantize.with_args(
-            quant_min=-128, quant_max=127, dtype=torch.qint8, qscheme=scheme, **observed,
+        self.first_weight = self._weights(7 if settings.reduce_range in ("first", "all") else 8)
+        self.weight = self._weights(7 if settings.reduce_range == "all" else 8)
+        seven_bit = settings.reduce_range == "first"
+        self.record = {
+            "target": target,
+            "scheme": ("U8S8" if settings.activations == "uint8" else "S8S8")
+            + (", 7-bit first conv" if seven_bit else ""),
+            "method": "qat",
+            "calibration": f"{settings.percentile}th percentile, {frames} frames",
+        }
+
+    @staticmethod
+    def _weights(bits: int) -> QuantizationSpec:
+        return QuantizationSpec(
+            dtype=torch.int8, quant_min=-(2 ** (bits - 1)), quant_max=2 ** (bits - 1) - 1,
+            qscheme=torch.per_channel_symmetric, ch_axis=0,
+            observer_or_fake_quant_ctr=FakeQuantize.with_args(
+                observer=MovingAveragePerChannelMinMaxObserver),
         )  # fmt: skip
 
-    def weights(bits: int) -> Any:
-        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        return FakeQuantize.with_args(
-            observer=MovingAveragePerChannelMinMaxObserver, quant_min=low, quant_max=high,
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0,
-        )  # fmt: skip
+    def annotate(self, model: GraphModule) -> GraphModule:
+        act = self.activation
+        for node in model.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target == aten.conv2d.default:
+                image, weight = node.args[0], node.args[1]
+                first = isinstance(image, Node) and image.op == "placeholder"
+                inputs = {image: act, weight: self.first_weight if first else self.weight}
+                output: Any = act
+            elif node.target in OWN_RANGE:
+                values = node.args[0] if node.target == aten.cat.default else node.args[:2]
+                inputs = {v: act for v in values if isinstance(v, Node)}
+                output = act
+            elif node.target in INPUT_RANGE:
+                inputs = {node.args[0]: act}
+                output = SharedQuantizationSpec((node.args[0], node))
+            else:
+                continue
+            node.meta[ANNOTATION] = QuantizationAnnotation(
+                input_qspec_map=inputs, output_qspec=output, _annotated=True)  # fmt: skip
+        return model
 
-    seven_bit = settings.reduce_range in ("first", "all")
-    mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weights(
-        7 if settings.reduce_range == "all" else 8)))  # fmt: skip
-    if settings.reduce_range == "first":
-        mapping.set_module_name(first_conv, QConfig(activation=activation, weight=weights(7)))
-    scheme = ("U8S8" if settings.activations == "uint8" else "S8S8") + (
-        ", 7-bit first conv" if seven_bit and settings.reduce_range == "first" else ""
-    )
-    return mapping, {
-        "target": target,
-        "scheme": scheme,
-        "method": "qat",
-        "calibration": f"{settings.percentile}th percentile, {frames} frames",
-    }
+    def validate(self, model: GraphModule) -> None:
+        """Every convolution annotated (a form of it ``annotate`` does not know, left float, would
+        run as a float Conv on the device)."""
+        convs = [n for n in model.graph.nodes
+                 if n.op == "call_function" and "conv" in str(n.target)]  # fmt: skip
+        missing = [n.name for n in convs if ANNOTATION not in n.meta]
+        if missing:
+            raise ValueError(f"convolutions left unquantized: {missing[:5]}")
 
 
-def as_functions(module: torch.fx.GraphModule) -> int:
-    """onnx2torch's Add/Mul/Sub/Div and Concat modules as the torch functions they call, so that
-    FX quantizes them too (SiLU's Mul, the residual Add, C2f's Concat): ONNX Runtime then runs
-    them as integer ops, instead of converting every activation to float and back around them."""
-    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
-    from onnx2torch.node_converters.concat import OnnxConcat
+def fixed_upsamples(module: GraphModule) -> int:
+    """onnx2torch's Resize reads its scales from a tensor at run time, which ``torch.export``
+    cannot trace; YOLOv8's two are a fixed x2 nearest upsample, written here as that call.
+    Returns how many were replaced."""
+    from onnx2torch.node_converters.resize import OnnxResize
 
     replaced = 0
     for node in list(module.graph.nodes):
         if node.op != "call_module":
             continue
-        target = module.get_submodule(node.target)
+        if not isinstance(module.get_submodule(node.target), OnnxResize):
+            continue
+        scales = node.kwargs.get("scales")
+        if scales is not None and scales.op == "get_attr":  # an initializer
+            factors = module.get_buffer(scales.target).tolist()
+        elif scales is not None and scales.op == "call_module" and not scales.args:
+            factors = module.get_submodule(scales.target)().tolist()  # a Constant node (re-export)
+        else:
+            factors = []
+        if module.get_submodule(node.target).onnx_mode != "nearest" or len(factors) != 4:
+            raise ValueError(f"{node.target}: only a nearest Resize with constant scales converts")
         with module.graph.inserting_after(node):
-            if (
-                isinstance(target, OnnxBinaryMathOperation)
-                and target.broadcast is None
-                and (target.math_op_function in (torch.add, torch.mul, torch.sub))
-            ):
-                call = module.graph.call_function(target.math_op_function, tuple(node.args))
-            elif isinstance(target, OnnxConcat):
-                call = module.graph.call_function(torch.cat, (list(node.args), target.axis))
-            else:
-                continue
+            call = module.graph.call_function(
+                torch.nn.functional.interpolate, (node.args[0],),
+                {"scale_factor": tuple(float(f) for f in factors[2:]), "mode": "nearest"},
+            )  # fmt: skip
         node.replace_all_uses_with(call)
         module.graph.erase_node(node)
         replaced += 1
-    module.graph.lint()
+    module.graph.eliminate_dead_code()
     module.delete_all_unused_submodules()
     module.recompile()
     return replaced
 
 
-def concat_with_ranges_of_its_own() -> BackendConfig:
-    """torch's native lowering, except that ``torch.cat`` observes its output apart from its
-    inputs, as ``quantize`` does. torch shares one range between a concat and everything it
-    joins, so each C2f branch (which also feeds the next bottleneck and the residual add) took
-    the widest branch's step: up to 60 % coarser, half a point of mAP50-95 on every 5th
-    voc2007-val image before any training. ONNX Runtime's QLinearConcat requantizes inputs of
-    different scales, so the integer graph stays the same."""
-    config = get_native_backend_config()
-    for pattern in config.configs:
-        if pattern.pattern is torch.cat:
-            pattern.set_observation_type(ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT)
-    return config
+def capture(module: GraphModule, example: torch.Tensor) -> GraphModule:
+    """The converted body as ``torch.export`` sees it (ATen ops; any batch and image size), the
+    form pt2e quantizes."""
+    module = copy.deepcopy(module)
+    fixed_upsamples(module)
+    auto = torch.export.Dim.AUTO
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(module, (example,),
+                                       dynamic_shapes=({0: auto, 2: auto, 3: auto},))  # fmt: skip
+    return exported.module()
 
 
 def prepare(detector: Detector, target: str, frames: Any,
@@ -175,21 +212,11 @@ def prepare(detector: Detector, target: str, frames: Any,
     ``CALIBRATION_FRAMES`` of ``frames`` (picked evenly, as ``quantize --frames`` picks them) and
     then held; the weights' quantizers follow the weights as they train. ``progress(n)`` is
     called as each n frames have been calibrated on."""
-    module = copy.deepcopy(detector.module)
-    as_functions(module)
-    leaves = sorted({type(m) for m in module.modules()
-                     if type(m).__module__.startswith("onnx2torch")}, key=str)  # fmt: skip
-    first = next(name for name, m in module.named_modules() if isinstance(m, torch.nn.Conv2d))
     picks = even_picks(len(frames), CALIBRATION_FRAMES)
-    mapping, record = qconfig_mapping(target, first, len(picks))
-    example = torch.from_numpy(frames[picks[:1]])
-    with warnings.catch_warnings():  # torch warns for every fixed-range op (sigmoid) it keeps
-        warnings.simplefilter("ignore", UserWarning)
-        quantized = prepare_qat_fx(
-            module.train(), mapping, (example,),
-            prepare_custom_config=PrepareCustomConfig().set_non_traceable_module_classes(leaves),
-            backend_config=concat_with_ranges_of_its_own(),
-        )  # fmt: skip
+    quantizer = RecipeQuantizer(target, len(picks))
+    example = torch.from_numpy(frames[picks[:2]])
+    quantized = prepare_qat_pt2e(capture(detector.module, example), quantizer)
+    allow_exported_model_train_eval(quantized)  # distillation calls train() and eval()
     quantized.apply(disable_fake_quant)  # ranges of the float model's values, as PTQ takes them
     with torch.no_grad():
         for start in range(0, len(picks), 4):
@@ -199,18 +226,34 @@ def prepare(detector: Detector, target: str, frames: Any,
                 progress(len(batch))
     quantized.apply(enable_fake_quant)
     hold_activation_ranges(quantized)
+    record = dict(quantizer.record)
     record["fake_quantizers"] = sum(isinstance(m, FakeQuantize) for m in quantized.modules())
     return dataclasses.replace(detector, module=quantized), record
+
+
+def weight_quantizers(module: GraphModule) -> list[tuple[str, FakeQuantize]]:
+    """(weight's name, its fake quantizer) for every quantized weight, in graph order."""
+    found = []
+    for node in module.graph.nodes:
+        if node.op != "call_module" or not node.args:
+            continue
+        source = node.args[0]
+        layer = module.get_submodule(node.target)
+        if isinstance(layer, FakeQuantize) and isinstance(source, Node) \
+                and source.op == "get_attr":  # fmt: skip
+            found.append((source.target, layer))
+    return found
 
 
 def hold_activation_ranges(module: torch.nn.Module) -> None:
     """Every activation quantizer keeps its calibrated range from now on (the weights' quantizers
     go on observing); the percentile tails, no longer needed, are let go."""
-    for name, layer in module.named_modules():
-        if isinstance(layer, FakeQuantize) and not name.endswith("weight_fake_quant"):
+    for layer in module.modules():
+        if isinstance(layer, FakeQuantize) and isinstance(
+            layer.activation_post_process, PercentileObserver
+        ):
             layer.disable_observer()
-            if isinstance(layer.activation_post_process, PercentileObserver):
-                layer.activation_post_process.tails = None
+            layer.activation_post_process.tails = None
 
 
 def freeze(detector: Detector) -> None:
@@ -221,7 +264,7 @@ def freeze(detector: Detector) -> None:
     widen_narrow_weights(detector.module)
 
 
-def widen_narrow_weights(module: torch.nn.Module) -> int:
+def widen_narrow_weights(module: GraphModule) -> int:
     """ONNX's QuantizeLinear takes only the int8 (and uint8) range, so a 7-bit weight quantizer
     (-64..63) cannot be exported as it is. Each such weight is clamped to its 7-bit range (the
     training's last steps may have moved it past the observed one) and its quantizer set to
@@ -229,12 +272,12 @@ def widen_narrow_weights(module: torch.nn.Module) -> int:
     exporter accepts. Returns how many were widened."""
     widened = 0
     with torch.no_grad():
-        for layer in module.modules():
-            quantizer = getattr(layer, "weight_fake_quant", None)
-            if quantizer is None or (quantizer.quant_min, quantizer.quant_max) != (-64, 63):
+        for name, quantizer in weight_quantizers(module):
+            if (quantizer.quant_min, quantizer.quant_max) != (-64, 63):
                 continue
-            scale = quantizer.scale.reshape(-1, *[1] * (layer.weight.dim() - 1))
-            layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, 63 * scale), -64 * scale))
+            weight = module.get_parameter(name)
+            scale = quantizer.scale.reshape(-1, *[1] * (weight.dim() - 1))
+            weight.copy_(torch.maximum(torch.minimum(weight, 63 * scale), -64 * scale))
             quantizer.quant_min, quantizer.quant_max = -128, 127
             observer = quantizer.activation_post_process  # what forward() reads the range from
             observer.quant_min, observer.quant_max = -128, 127

@@ -138,7 +138,8 @@ def export(
     ``metadata`` as given, and ``record`` (each key a JSON string: ``pruning``,
     ``distillation``...). Written to a temporary file and renamed: an interrupted export leaves
     nothing."""
-    module = detector.module.eval()
+    module = detector.module
+    module.eval()  # not chained: an exported (pt2e) module's eval() returns None
     example = torch.zeros(1, 3, *detector.imgsz)
     with (
         tempfile.TemporaryDirectory(prefix="edge-models-export-") as work,

@@ -17,7 +17,7 @@ from agent.config import ModelConfig
 from agent.contract.targets import detect as detect_target
 from agent.vision import load_backend
 from models.optimize.frames import FrameSet, frame_paths, load_frames
-from models.optimize.qat import fold_weight_quantizers, freeze, prepare
+from models.optimize.qat import fold_weight_quantizers, freeze, prepare, weight_quantizers
 from models.optimize.runs import qat_model
 from models.optimize.torch_model import export, load_detector
 from models.quantize import fast_dfl_layout, quantize
@@ -43,6 +43,9 @@ def test_qat_exports_a_fused_qdq_model_that_keeps_bus_detections(fp32_model, sha
     assert record["fake_quantizers"] > 150 and record["weights_folded"] >= 60
     ops = fused_ops(out, tmp_path)
     assert ops["QLinearConv"] >= 60 and ops["Conv"] <= 1, ops  # integer convolutions, not float
+    # one QuantizeLinear, the image's: every activation stays integer up to the head's maps
+    # (SiLU, the residual adds, the concats, SPPF's pools and the upsamples included), as in PTQ
+    assert ops["QuantizeLinear"] == 1 and ops["QLinearSigmoid"] >= 57, ops
     written = onnx.load(str(out))
     softmax = [n for n in written.graph.node if n.op_type == "Softmax"]  # the DFL, as PTQ lays it
     assert [a.i for n in softmax for a in n.attribute if a.name == "axis"] == [-1]
@@ -66,8 +69,7 @@ def test_the_recipe_decides_the_first_convolutions_weight_range(target, first_bi
                                                                 shared):  # fmt: skip
     frames = load_frames(frame_paths(shared / "images"), (320, 320))
     student, record = prepare(load_detector(fp32_model), target, frames)
-    quantizers = [m.weight_fake_quant for m in student.module.modules()
-                  if hasattr(m, "weight_fake_quant")]  # fmt: skip
+    quantizers = [quantizer for _, quantizer in weight_quantizers(student.module)]
     assert quantizers[0].quant_max == 2 ** (first_bits - 1) - 1
     assert all(q.quant_max == 127 for q in quantizers[1:])
     assert record["scheme"].startswith("U8S8")
@@ -123,9 +125,10 @@ def test_qat_starts_from_the_activation_ranges_quantize_takes_on_the_same_frames
     # tails of two frames are a few extreme values
     matched = [s for s in theirs if any(abs(o - s) <= 0.01 * s for o in ours)]
     # the rest are where the layouts differ: C2f's first convolution, one tensor that PTQ
-    # splits, is two convolutions here (8 C2f x conv, sigmoid and SiLU outputs), and torch
-    # upsamples in float (2). The min-max ranges this replaced left 72 of 218 unmatched here.
-    assert len(theirs) - len(matched) <= 8 * 3 + 2 + 4, (len(matched), len(theirs))
+    # splits, is two convolutions here (8 C2f x conv, sigmoid and SiLU outputs; 17 measured).
+    # The min-max ranges this replaced left 72 of 218 unmatched here, and torch's FX
+    # quantization, before pt2e, left the upsamples float.
+    assert len(theirs) - len(matched) <= 8 * 3, (len(matched), len(theirs))
     optimized = tmp_path / "optimized.onnx"
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(optimized)
@@ -168,6 +171,34 @@ def test_qat_of_a_pruned_model_distils_from_the_unpruned_teacher(fp32_model, sha
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"images": np.zeros((1, 3, 640, 640), np.float32)})[0].shape == (
         1, 84, 8400)  # fmt: skip
+
+
+def test_a_resumed_qat_ends_where_an_uninterrupted_one_does(fp32_model, shared):
+    """The fake-quantized module's state (weights, scales, zero points, observers) is what a
+    checkpoint keeps: a fresh process prepares the model again and goes on from it."""
+    from models.optimize.distill import distil
+
+    teacher = load_detector(fp32_model)
+    frames = load_frames(frame_paths(shared / "images"), (320, 320))
+    straight, _ = prepare(teacher, "cpu-x86_64", frames)
+    whole = distil(straight, teacher, frames, 6, batch=2)
+    first, saved = prepare(teacher, "cpu-x86_64", frames)[0], {}
+
+    class Killed(Exception):
+        pass
+
+    def keep(state, step):
+        if step == 3:
+            saved.update(state())
+            raise Killed
+
+    with pytest.raises(Killed):
+        distil(first, teacher, frames, 6, batch=2, keep=keep)
+    resumed, _ = prepare(teacher, "cpu-x86_64", frames)
+    rest = distil(resumed, teacher, frames, 6, batch=2, resume=saved)
+    assert np.allclose(rest.losses, whole.losses, rtol=1e-4), (rest.losses, whole.losses)
+    for a, b in zip(straight.module.parameters(), resumed.module.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_a_teacher_with_another_head_is_refused(fp32_model):
