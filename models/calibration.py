@@ -54,6 +54,9 @@ class SampledFrames:
     skipped: list[str] = field(default_factory=list)  # "path: reason", reported, not fatal
 
 
+CALIBRATION_FRAMES = 300  # frames picked from a user's folder for INT8 ranges, unless told
+
+
 def even_picks(total: int, count: int) -> list[int]:
     """Up to ``count`` indices spread evenly over ``range(total)``, first and last included."""
     return sorted({int(i) for i in np.linspace(0, total - 1, min(count, total))})

@@ -10,6 +10,7 @@ from models.cli.common import EXIT_OK
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from models.calibration import CALIBRATION_FRAMES
     from models.quantize import quantize
     from models.recipes import recipe
     from models.release import host_target
@@ -39,7 +40,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         on_stage=lambda text: print(f"- {text}", file=sys.stderr),
         target=target,
-        frames=args.count if args.frames else None,
+        frames=(CALIBRATION_FRAMES if args.count is None else args.count) if args.frames else None,
         evaluation=evaluation,
     )
     size_ratio = args.out.stat().st_size / args.model.stat().st_size
@@ -76,7 +77,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="folder of calibration images, all used, each must decode (e.g. calibration-set's)",
     )
-    q.add_argument("--count", type=int, default=300, help="frames picked from --frames (300)")
+    q.add_argument("--count", type=int, help="frames picked from --frames (default 300)")
     q.add_argument(
         "--data",
         type=Path,

@@ -148,10 +148,12 @@ def _models(stash: Path, model: Path, frames: Path, learning: Any, target: str, 
             chains: list[str], ratio: float, steps: int, qat_steps: int,
             stages: int) -> tuple[dict[str, Path], dict[str, Path]]:  # fmt: skip
     """The chains' models, each made unless the stash already holds it (written whole), and
-    the trained ones (pruned, QAT) whose records the report shows. PTQ calibrates on the
-    ``frames`` folder at the model's size; the training runs share ``learning``."""
+    the trained ones (pruned, QAT) whose records the report shows. PTQ calibrates on
+    ``CALIBRATION_FRAMES`` of the ``frames`` folder picked evenly, as ``quantize --frames`` and
+    QAT do; the training runs share ``learning``."""
     import sys
 
+    from models.calibration import CALIBRATION_FRAMES
     from models.optimize.runs import prune_model, qat_model
     from models.quantize import quantize
 
@@ -169,7 +171,9 @@ def _models(stash: Path, model: Path, frames: Path, learning: Any, target: str, 
         built["ptq"] = make(
             "ptq",
             stash / "ptq.onnx",
-            lambda out: quantize(model, frames, out, settings, target=target),
+            lambda out: quantize(
+                model, frames, out, settings, target=target, frames=CALIBRATION_FRAMES
+            ),
         )
     if {"prune", "prune+ptq", "prune+qat"} & set(chains):
         pruned = make("prune", stash / "pruned.onnx", lambda out: prune_model(
@@ -179,7 +183,8 @@ def _models(stash: Path, model: Path, frames: Path, learning: Any, target: str, 
     if "prune+ptq" in chains and pruned is not None:
         built["prune+ptq"] = make("prune+ptq", stash / "pruned-ptq.onnx",
                                   lambda out: quantize(pruned, frames, out, settings,
-                                                       target=target))  # fmt: skip
+                                                       target=target,
+                                                       frames=CALIBRATION_FRAMES))  # fmt: skip
     if "qat" in chains:
         built["qat"] = make("qat", stash / "qat.onnx", lambda out: qat_model(
             model, out, learning, qat_steps, target))  # fmt: skip

@@ -50,11 +50,10 @@ from torchao.quantization.pt2e.quantizer import (
 )
 
 from models.activation_ranges import Tails
-from models.calibration import even_picks
+from models.calibration import CALIBRATION_FRAMES, even_picks
 from models.optimize.torch_model import Detector
 from models.recipes import recipe
 
-CALIBRATION_FRAMES = 300  # as many as `edge-models quantize --count` takes by default
 ANNOTATION = "quantization_annotation"  # the node.meta key pt2e reads (torchao's Q_ANNOTATION_KEY)
 aten = torch.ops.aten
 # ops with ranges of their own (ONNX Runtime's QLinear* forms), and ops that keep their input's
@@ -214,7 +213,8 @@ def prepare(detector: Detector, target: str, frames: Any,
     called as each n frames have been calibrated on."""
     picks = even_picks(len(frames), CALIBRATION_FRAMES)
     quantizer = RecipeQuantizer(target, len(picks))
-    example = torch.from_numpy(frames[picks[:2]])
+    # two images: torch.export fixes any dimension it sees at size 1 (one calibration frame)
+    example = torch.from_numpy(frames[picks[:1]]).repeat(2, 1, 1, 1)
     quantized = prepare_qat_pt2e(capture(detector.module, example), quantizer)
     allow_exported_model_train_eval(quantized)  # distillation calls train() and eval()
     quantized.apply(disable_fake_quant)  # ranges of the float model's values, as PTQ takes them

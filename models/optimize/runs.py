@@ -370,7 +370,8 @@ def qat_model(
             model that is not a float YOLOv8 detector, a teacher with another head, a target
             this recipe does not cover.
     """
-    from models.optimize.qat import CALIBRATION_FRAMES, fold_weight_quantizers, freeze, prepare
+    from models.calibration import CALIBRATION_FRAMES
+    from models.optimize.qat import fold_weight_quantizers, freeze, prepare
     from models.quantize import fast_dfl_layout
     from models.recipes import recipe
 

@@ -240,6 +240,7 @@ def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path
     from models.optimize.frames import frame_paths as paths
 
     monkeypatch.setenv("EDGE_MODELS_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setattr("models.calibration.CALIBRATION_FRAMES", 1)  # of the two photos
     frames_dir = tmp_path / "frames"
     frames_dir.mkdir()
     for path in paths(shared / "images"):
@@ -259,5 +260,8 @@ def test_optimize_writes_one_report_for_every_chain(fp32_model, shared, tmp_path
         assert (report / made).is_file(), made
     assert len(data["records"]["prune"]["curve"]) == 2
     assert data["records"]["prune+qat"]["teacher"] == fp32_model.name
+    for ptq in ("ptq.onnx", "pruned-ptq.onnx"):  # picked as `quantize --frames` picks, not all
+        metadata = {p.key: p.value for p in onnx.load(str(report / "models" / ptq)).metadata_props}
+        assert json.loads(metadata["quantization"])["calibration_images"] == 1, ptq
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
     assert not list((tmp_path / "checkpoints").iterdir())  # the stash goes once the report is made
