@@ -51,6 +51,7 @@ from torchao.quantization.pt2e.quantizer import (
 
 from models.activation_ranges import Tails
 from models.calibration import CALIBRATION_FRAMES, even_picks
+from models.errors import FactoryError
 from models.optimize.torch_model import Detector
 from models.recipes import recipe
 
@@ -154,7 +155,7 @@ class RecipeQuantizer(Quantizer):
                  if n.op == "call_function" and "conv" in str(n.target)]  # fmt: skip
         missing = [n.name for n in convs if ANNOTATION not in n.meta]
         if missing:
-            raise ValueError(f"convolutions left unquantized: {missing[:5]}")
+            raise FactoryError(f"QAT: convolutions this quantizer does not know: {missing[:5]}")
 
 
 def fixed_upsamples(module: GraphModule) -> int:
@@ -177,7 +178,9 @@ def fixed_upsamples(module: GraphModule) -> int:
         else:
             factors = []
         if module.get_submodule(node.target).onnx_mode != "nearest" or len(factors) != 4:
-            raise ValueError(f"{node.target}: only a nearest Resize with constant scales converts")
+            raise FactoryError(
+                f"QAT: {node.target} is not a nearest Resize with constant scales (YOLOv8's)"
+            )
         with module.graph.inserting_after(node):
             call = module.graph.call_function(
                 torch.nn.functional.interpolate, (node.args[0],),
