@@ -166,25 +166,20 @@ def _models(stash: Path, model: Path, frames: Path, learning: Any, target: str, 
             build(path)
         return path
 
+    def ptq(source: Path) -> Any:
+        return lambda out: quantize(source, frames, out, settings, target=target,
+                                    frames=CALIBRATION_FRAMES)  # fmt: skip
+
     pruned = None
     if "ptq" in chains:
-        built["ptq"] = make(
-            "ptq",
-            stash / "ptq.onnx",
-            lambda out: quantize(
-                model, frames, out, settings, target=target, frames=CALIBRATION_FRAMES
-            ),
-        )
+        built["ptq"] = make("ptq", stash / "ptq.onnx", ptq(model))
     if {"prune", "prune+ptq", "prune+qat"} & set(chains):
         pruned = make("prune", stash / "pruned.onnx", lambda out: prune_model(
             model, out, ratio, learning, steps, stages=stages))  # fmt: skip
         if "prune" in chains:
             built["prune"] = pruned
     if "prune+ptq" in chains and pruned is not None:
-        built["prune+ptq"] = make("prune+ptq", stash / "pruned-ptq.onnx",
-                                  lambda out: quantize(pruned, frames, out, settings,
-                                                       target=target,
-                                                       frames=CALIBRATION_FRAMES))  # fmt: skip
+        built["prune+ptq"] = make("prune+ptq", stash / "pruned-ptq.onnx", ptq(pruned))
     if "qat" in chains:
         built["qat"] = make("qat", stash / "qat.onnx", lambda out: qat_model(
             model, out, learning, qat_steps, target))  # fmt: skip
