@@ -191,6 +191,89 @@ def fast_dfl_layout(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def merge_split_convolutions(model: onnx.ModelProto) -> int:
+    """Undo the split ``models.optimize.graph.prepare`` makes for pruning, before quantizing.
+
+    Each pair of convolutions on one input with the same attributes, each followed by its SiLU,
+    whose outputs are the first two inputs of one Concat (C2f's first convolution, split in two
+    so that its halves prune independently), becomes one convolution (weights and biases
+    stacked), one SiLU and a Split back into the two tensors: exact, and in INT8 one integer
+    convolution and one SiLU run where two of each did (a pruned model 2-4 % faster on ONNX
+    Runtime; in float the Split costs a reorder, so pruned float models keep the split). Returns
+    how many pairs were merged."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weights = {t.name: t for t in graph.initializer}
+
+    def silu_of(output: str) -> tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto] | None:
+        mul = producers.get(output)
+        if mul is None or mul.op_type != "Mul":
+            return None
+        conv, sigmoid = producers.get(mul.input[0]), producers.get(mul.input[1])
+        if (conv is None or sigmoid is None or conv.op_type != "Conv"
+                or sigmoid.op_type != "Sigmoid" or sigmoid.input[0] != conv.output[0]
+                or len(consumers.get(conv.output[0], [])) != 2 or len(conv.input) < 3
+                or conv.input[1] not in weights or conv.input[2] not in weights):  # fmt: skip
+            return None
+        return conv, sigmoid, mul
+
+    replace: dict[str, list[onnx.NodeProto]] = {}
+    drop: set[str] = set()
+    for concat in list(graph.node):
+        if concat.op_type != "Concat" or len(concat.input) < 2:
+            continue
+        axis = next(helper.get_attribute_value(a) for a in concat.attribute if a.name == "axis")
+        first, second = silu_of(concat.input[0]), silu_of(concat.input[1])
+        if axis != 1 or first is None or second is None:
+            continue
+        (conv0, sig0, mul0), (conv1, sig1, mul1) = first, second
+        if conv0.input[0] != conv1.input[0] or conv0.attribute != conv1.attribute:
+            continue
+        parts = [numpy_helper.to_array(weights[conv.input[1]]) for conv in (conv0, conv1)]
+        biases = [numpy_helper.to_array(weights[conv.input[2]]) for conv in (conv0, conv1)]
+        stem = conv0.name.rsplit("/", 2)[0] if "/" in conv0.name else conv0.name
+        stem = f"{stem}.merged"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.concatenate(parts), f"{stem}.weight"),
+            numpy_helper.from_array(np.concatenate(biases), f"{stem}.bias"),
+            numpy_helper.from_array(
+                np.array([len(parts[0]), len(parts[1])], dtype=np.int64), f"{stem}.sizes"
+            ),
+        ])  # fmt: skip
+        attributes = {a.name: helper.get_attribute_value(a) for a in conv0.attribute}
+        replace[conv0.name] = [
+            helper.make_node("Conv", [conv0.input[0], f"{stem}.weight", f"{stem}.bias"],
+                             [f"{stem}.out"], name=stem, **attributes),
+            helper.make_node("Sigmoid", [f"{stem}.out"], [f"{stem}.gate"], name=f"{stem}.sigmoid"),
+            helper.make_node("Mul", [f"{stem}.out", f"{stem}.gate"], [f"{stem}.silu"],
+                             name=f"{stem}.silu"),
+            helper.make_node("Split", [f"{stem}.silu", f"{stem}.sizes"],
+                             [mul0.output[0], mul1.output[0]], name=f"{stem}.split", axis=1),
+        ]  # fmt: skip
+        replace[conv1.name] = replace[conv0.name]  # placed at whichever comes first
+        drop |= {n.name for n in (conv0, sig0, mul0, conv1, sig1, mul1)}
+    nodes: list[onnx.NodeProto] = []
+    placed: set[int] = set()
+    for node in graph.node:
+        made = replace.get(node.name)
+        if made is not None and id(made) not in placed:
+            placed.add(id(made))
+            nodes += made
+        if node.name not in drop:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(placed)
+
+
 def scheme_name(settings: QuantizeSettings) -> str:
     """U8S8, S8S8, U8U8...: activation then weight type, as ONNX Runtime's docs name them."""
     letter = {"int8": "S8", "uint8": "U8"}
@@ -306,6 +389,10 @@ def quantize(
         prepared_model = onnx.load(str(prepared))
         if settings.fast_dfl and fast_dfl_layout(prepared_model):
             stage("DFL softmax moved to the last axis (same numbers, faster on CPU)")
+            onnx.save(prepared_model, str(prepared))
+        merged = merge_split_convolutions(prepared_model)
+        if merged:
+            stage(f"{merged} split C2f convolution(s) merged back (same numbers, faster in INT8)")
             onnx.save(prepared_model, str(prepared))
         excluded = head_postprocess_nodes(prepared_model) if settings.keep_head_float else []
         stage(f"keeping {len(excluded)} head post-processing node(s) in float")

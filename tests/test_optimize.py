@@ -57,6 +57,37 @@ def test_the_rewritten_graph_computes_exactly_what_the_source_does(fp32_model):
     assert np.array_equal(run(again.SerializeToString(), x)[0], expected)
 
 
+def test_quantize_merges_the_split_back_so_a_pruned_model_runs_the_sources_int8_layout(
+    fp32_model, tmp_path
+):
+    """Pruned models keep C2f's first convolution split (two convolutions, two SiLUs); quantize
+    merges the pair back (exact), so INT8 runs one integer convolution where it ran two."""
+    from models.calibration import synthesise
+    from models.quantize import QuantizeSettings, merge_split_convolutions, quantize
+
+    source = onnx.load(str(fp32_model))
+    split = prepare(source).model
+    merged = onnx.ModelProto()
+    merged.CopyFrom(split)
+    assert merge_split_convolutions(merged) == 8
+    onnx.checker.check_model(merged)
+    x = np.random.default_rng(1).random((1, 3, 640, 640), dtype=np.float32)
+    assert np.array_equal(run(merged.SerializeToString(), x)[0], run(fp32_model, x)[0])
+    assert merge_split_convolutions(merged) == 0  # nothing left to merge: the source's layout
+    convs = lambda m: sum(n.op_type == "Conv" for n in m.graph.node)  # noqa: E731
+    assert convs(merged) == convs(source) == convs(split) - 8
+
+    onnx.save(split, str(tmp_path / "split.onnx"))
+    calib = tmp_path / "calib"
+    synthesise([fp32_model.parent.parent / "images" / "bus.jpg"], calib, per_image=2)
+    stages = []
+    quantize(tmp_path / "split.onnx", calib, tmp_path / "q.onnx", QuantizeSettings(),
+             progress=False, on_stage=stages.append)  # fmt: skip
+    assert "8 split C2f convolution(s) merged back" in " ".join(stages)
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    assert convs(quantized) == convs(source) - 1  # the DFL's convolution is a MatMul there
+
+
 def test_a_model_without_a_yolov8_head_is_not_rewritten(tmp_path):
     tiny = onnx.load(str(models_for_tests.tiny_detector(tmp_path / "tiny.onnx")))
     with pytest.raises(ModelError, match="head"):
