@@ -85,6 +85,18 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
+def _links(
+    graph: onnx.GraphProto,
+) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Each tensor's producing node, and the nodes that read it."""
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return producers, consumers
+
+
 def head_postprocess_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes downstream of where the detect head flattens its feature maps.
 
@@ -104,10 +116,7 @@ def head_postprocess_nodes(model: onnx.ModelProto) -> list[str]:
         raise ModelError(
             "cannot find the detect head's post-processing (no 4-D -> 3-D Reshape in the graph)"
         )
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _links(graph)[1]
     found: dict[str, onnx.NodeProto] = {}
     stack = list(seeds)
     while stack:
@@ -129,11 +138,7 @@ def fast_dfl_layout(model: onnx.ModelProto) -> int:
     float either way. Returns how many were rewritten (0 when the pattern is not there).
     """
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers = _links(graph)
     initializers = {init.name: init for init in graph.initializer}
     rewritten = 0
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
@@ -202,11 +207,7 @@ def merge_split_convolutions(model: onnx.ModelProto) -> int:
     Runtime; in float the Split costs a reorder, so pruned float models keep the split). Returns
     how many pairs were merged."""
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers = _links(graph)
     weights = {t.name: t for t in graph.initializer}
 
     def silu_of(output: str) -> tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto] | None:
