@@ -58,7 +58,7 @@ def test_the_rewritten_graph_computes_exactly_what_the_source_does(fp32_model):
 
 
 def test_quantize_merges_the_split_back_so_a_pruned_model_runs_the_sources_int8_layout(
-    fp32_model, tmp_path
+    fp32_model, shared, tmp_path
 ):
     """Pruned models keep C2f's first convolution split (two convolutions, two SiLUs); quantize
     merges the pair back (exact), so INT8 runs one integer convolution where it ran two."""
@@ -79,7 +79,7 @@ def test_quantize_merges_the_split_back_so_a_pruned_model_runs_the_sources_int8_
 
     onnx.save(split, str(tmp_path / "split.onnx"))
     calib = tmp_path / "calib"
-    synthesise([fp32_model.parent.parent / "images" / "bus.jpg"], calib, per_image=2)
+    synthesise([shared / "images" / "bus.jpg"], calib, per_image=2)
     stages = []
     quantize(tmp_path / "split.onnx", calib, tmp_path / "q.onnx", QuantizeSettings(),
              progress=False, on_stage=stages.append)  # fmt: skip
