@@ -247,7 +247,8 @@ def merge_split_convolutions(model: onnx.ModelProto) -> int:
             ),
         ])  # fmt: skip
         attributes = {a.name: helper.get_attribute_value(a) for a in conv0.attribute}
-        replace[conv0.name] = [
+        at = next(n.name for n in graph.node if n.name in (conv0.name, conv1.name))  # the first
+        replace[at] = [
             helper.make_node("Conv", [conv0.input[0], f"{stem}.weight", f"{stem}.bias"],
                              [f"{stem}.out"], name=stem, **attributes),
             helper.make_node("Sigmoid", [f"{stem}.out"], [f"{stem}.gate"], name=f"{stem}.sigmoid"),
@@ -256,24 +257,24 @@ def merge_split_convolutions(model: onnx.ModelProto) -> int:
             helper.make_node("Split", [f"{stem}.silu", f"{stem}.sizes"],
                              [mul0.output[0], mul1.output[0]], name=f"{stem}.split", axis=1),
         ]  # fmt: skip
-        replace[conv1.name] = replace[conv0.name]  # placed at whichever comes first
         drop |= {n.name for n in (conv0, sig0, mul0, conv1, sig1, mul1)}
-    nodes: list[onnx.NodeProto] = []
-    placed: set[int] = set()
+    nodes = []
     for node in graph.node:
-        made = replace.get(node.name)
-        if made is not None and id(made) not in placed:
-            placed.add(id(made))
-            nodes += made
+        nodes += replace.get(node.name, [])
         if node.name not in drop:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return len(placed)
+    drop_unused_initializers(model)
+    return len(replace)
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads any more (left behind by a rewrite)."""
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def scheme_name(settings: QuantizeSettings) -> str:
@@ -389,12 +390,13 @@ def quantize(
                 f"{source}: ONNX Runtime's quantization pre-processing failed: {exc}"
             ) from None
         prepared_model = onnx.load(str(prepared))
-        if settings.fast_dfl and fast_dfl_layout(prepared_model):
+        moved = settings.fast_dfl and fast_dfl_layout(prepared_model)
+        if moved:
             stage("DFL softmax moved to the last axis (same numbers, faster on CPU)")
-            onnx.save(prepared_model, str(prepared))
         merged = merge_split_convolutions(prepared_model)
         if merged:
             stage(f"{merged} split C2f convolution(s) merged back (same numbers, faster in INT8)")
+        if moved or merged:
             onnx.save(prepared_model, str(prepared))
         excluded = head_postprocess_nodes(prepared_model) if settings.keep_head_float else []
         stage(f"keeping {len(excluded)} head post-processing node(s) in float")

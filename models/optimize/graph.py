@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from agent.contract import ModelError
 from models.convert.split_head import head_maps
-from models.quantize import head_postprocess_nodes
+from models.quantize import drop_unused_initializers, head_postprocess_nodes
 
 OPSET = 17
 HEAD_NAMES = [f"head_{kind}_p{level}" for level in (3, 4, 5) for kind in ("box", "class")]
@@ -67,7 +67,7 @@ def prepare(source: onnx.ModelProto) -> Prepared:
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version > OPSET:
             opset.version = OPSET
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     # the extractor needs every output's shape: a re-exported model may not carry them
     body = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(
         [_image_input(model)], [found.name for found in maps]
@@ -190,10 +190,3 @@ def _split_c2f_convolutions(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(replace)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
