@@ -258,6 +258,16 @@ def merge_split_convolutions(model: onnx.ModelProto) -> int:
                              [mul0.output[0], mul1.output[0]], name=f"{stem}.split", axis=1),
         ]  # fmt: skip
         drop |= {n.name for n in (conv0, sig0, mul0, conv1, sig1, mul1)}
+    splice_nodes(graph, replace, drop)
+    drop_unused_initializers(model)
+    return len(replace)
+
+
+def splice_nodes(
+    graph: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]], drop: set[str]
+) -> None:
+    """Rewrite ``graph.node`` in order: ``replace[name]`` goes in where the node ``name`` stood,
+    and the nodes named in ``drop`` leave."""
     nodes = []
     for node in graph.node:
         nodes += replace.get(node.name, [])
@@ -265,8 +275,6 @@ def merge_split_convolutions(model: onnx.ModelProto) -> int:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    drop_unused_initializers(model)
-    return len(replace)
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> None:

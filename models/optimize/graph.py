@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from agent.contract import ModelError
 from models.convert.split_head import head_maps
-from models.quantize import drop_unused_initializers, head_postprocess_nodes
+from models.quantize import drop_unused_initializers, head_postprocess_nodes, splice_nodes
 
 OPSET = 17
 HEAD_NAMES = [f"head_{kind}_p{level}" for level in (3, 4, 5) for kind in ("box", "class")]
@@ -182,11 +182,5 @@ def _split_c2f_convolutions(model: onnx.ModelProto) -> int:
             continue
         replace[conv.name] = made
         drop |= {conv.name, sigmoid.name, mul.name, node.name}
-    nodes = []
-    for node in graph.node:
-        nodes += replace.get(node.name, [])
-        if node.name not in drop:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    splice_nodes(graph, replace, drop)
     return len(replace)
