@@ -113,6 +113,8 @@ def test_rk3588_int8_on_the_simulator_detects_what_the_float_model_does(
     assert (tmp_path / "yolov8n.rknn").stat().st_size > 1_000_000
     record = json.loads((tmp_path / "yolov8n.rknn.json").read_text())
     assert record["imgsz"] == [640, 640] and "names" in record["metadata"]
+    assert record["algorithm"] == "normal" and record["hybrid"] is None  # plain INT8 by default
+    assert record["calibration_frames"] == 32  # the fixture's 32, all of them at the default
     names = fp32_backend.info.class_names
     from agent.vision import DetectionParams, decode
 
@@ -138,7 +140,7 @@ def test_convert_cli_reports_simulator_map_beside_the_float(rknn_python, fp32_mo
     out = tmp_path / "m.rknn"
     result = models_cli(
         "convert", "--target", "rk3588", "--model", fp32_model, "--calib", calib, "--out", out,
-        "--data", shared / "datasets" / "coco8", "--json",
+        "--data", shared / "datasets" / "coco8", "--json", "--hybrid", "0.95", "--count", "16",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = {r["runtime"].split()[0]: r for r in json.loads(result.stdout)["results"]}
@@ -147,7 +149,26 @@ def test_convert_cli_reports_simulator_map_beside_the_float(rknn_python, fp32_mo
     low, high = rows["rk3588"]["interval_points"]  # paired bootstrap over the 8 images
     assert low <= rows["rk3588"]["delta_points"] <= high
     assert rows["rk3588"]["delta_points"] == pytest.approx((npu_map - float_map) * 100, abs=0.01)
-    assert out.exists()
+    record = json.loads(out.with_name("m.rknn.json").read_text())
+    asked = ("normal", 0.95, 16)  # what was asked, kept beside the model
+    assert (record["algorithm"], record["hybrid"], record["calibration_frames"]) == asked
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--hybrid", "1.5"), ("--hybrid", "0"), ("--hybrid", "abc"), ("--count", "0")],
+)
+def test_a_bad_hybrid_threshold_or_frame_count_is_refused_before_anything_runs(
+    flag, value, tmp_path
+):
+    out = tmp_path / "m.rknn"
+    result = models_cli(
+        "convert", "--target", "rk3588", "--model", tmp_path / "none.onnx", "--calib", tmp_path,
+        "--out", out, flag, value,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"argument {flag}" in result.stderr.strip().splitlines()[-1]
+    assert not out.exists()
 
 
 def test_the_whole_graph_in_int8_is_refused_and_nothing_is_written(rknn_python, fp32_model,

@@ -14,8 +14,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from models.convert.rknn import convert_and_compare
 
     done, rows = convert_and_compare(
-        args.model, args.calib, args.out, args.data, args.full_graph, args.target
-    )
+        args.model, args.calib, args.out, args.data, args.full_graph, args.target,
+        algorithm=args.algorithm, hybrid=args.hybrid,
+        **({"count": args.count} if args.count is not None else {}),
+    )  # fmt: skip
     if args.json:
         print(json.dumps({"out": str(done.rknn), "target": args.target, "results": rows}, indent=2))
         return EXIT_OK
@@ -28,6 +30,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"  {row['runtime']:<40} mAP50-95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}"
               + delta)  # fmt: skip
     return EXIT_OK
+
+
+def cosine(text: str) -> float:
+    """A cosine similarity threshold, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a cosine similarity in (0, 1]")
+    return value
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
@@ -51,9 +74,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--target", required=True, choices=["rk3588"])
     c.add_argument("--model", type=Path, required=True, help="float YOLOv8 ONNX")
     c.add_argument("--calib", type=Path, required=True, help="calibration images folder")
+    c.add_argument(
+        "--count",
+        type=positive,
+        help="calibrate on this many of them, picked evenly (default 32: the toolkit's ranges "
+        "are min-max, so more frames only widen them)",
+    )
     c.add_argument("--out", type=Path, required=True, help="the .rknn to write")
     c.add_argument(
         "--data", type=Path, help="also evaluate on the simulator beside the float model"
+    )
+    c.add_argument(
+        "--algorithm",
+        choices=["normal", "kl_divergence", "mmse"],
+        default="normal",
+        help="how rknn-toolkit2 picks each tensor's range (normal: min-max)",
+    )
+    c.add_argument(
+        "--hybrid",
+        type=cosine,
+        metavar="COSINE",
+        help="keep in float16 the layers whose INT8 output falls below this cosine similarity "
+        "to float on the calibration frames (rknn-toolkit2's auto hybrid; 0.95 keeps a few of "
+        "the 20x20 layers)",
     )
     c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.add_argument(

@@ -35,9 +35,18 @@ def run(job: dict) -> dict:
             step("config", lambda: rknn.config(
                 mean_values=[[0, 0, 0]], std_values=[[255, 255, 255]],
                 target_platform=job["platform"],
+                quantized_algorithm=job.get("algorithm", "normal"),
+                auto_hybrid_cos_thresh=job.get("hybrid") or 0.98,
             ))  # fmt: skip
             step("load_onnx", lambda: rknn.load_onnx(model=job["model"]))
-            step("build", lambda: rknn.build(do_quantization=True, dataset=job["dataset"]))
+            step(
+                "build",
+                lambda: rknn.build(
+                    do_quantization=True,
+                    dataset=job["dataset"],
+                    auto_hybrid=job.get("hybrid") is not None,
+                ),
+            )
             step("export_rknn", lambda: rknn.export_rknn(job["out"]))
             if job.get("inputs"):
                 step("init_runtime (simulator)", rknn.init_runtime)
