@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE, EXIT_HALTED = 0, 1, 2, 3, 4
 
@@ -28,3 +30,19 @@ def device_argument(parser: argparse.ArgumentParser) -> None:
         help="where distillation and QAT train: "
         "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, cuda:N",
     )
+
+
+def bounded(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable:
+    """An argparse type: the text ``convert``ed, refused in one line unless ``ok`` (``what`` it
+    must be)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse

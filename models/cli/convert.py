@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from models.cli.common import EXIT_OK
+from models.cli.common import EXIT_OK, bounded
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -32,25 +32,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cosine(text: str) -> float:
-    """A cosine similarity threshold, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a cosine similarity in (0, 1]")
-    return value
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
-    return value
+cosine = bounded(float, lambda v: 0 < v <= 1, "a cosine similarity in (0, 1]")
+positive = bounded(int, lambda v: v >= 1, "a whole number of at least 1")
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
