@@ -36,7 +36,7 @@ RKNN_PINS = "rknn-toolkit2==2.5.0"  # scripts/setup-rknn.sh installs exactly thi
 WORKER = Path(__file__).with_name("rknn_worker.py")
 # The toolkit's ranges (its "normal" algorithm) are the extremes of every calibration frame, so
 # each frame more can only widen them and coarsen every step: on voc2007-val 294 frames lost
-# 1.13 points, 32 of the same frames 0.40 (docs/performance.md). Frames are picked evenly.
+# 1.13 points, 32 of them 0.40-0.64 (docs/performance.md). Frames are picked evenly.
 CALIBRATION_FRAMES = 32
 ENV_VAR = "EDGE_MODELS_RKNN_PYTHON"
 
