@@ -78,8 +78,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=cosine,
         metavar="COSINE",
         help="keep in float16 the layers whose INT8 output falls below this cosine similarity "
-        "to float on the calibration frames (rknn-toolkit2's auto hybrid; 0.95 keeps a few of "
-        "the 20x20 layers)",
+        "to float on the calibration frames (rknn-toolkit2's auto hybrid; slower on the NPU: on "
+        "YOLOv8n 0.95 kept a quarter of the MACs in float16)",
     )
     c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.add_argument(
