@@ -7,9 +7,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.demo_inputs import require_shared_dir
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the training environment's Python has not the project installed
+    sys.path.insert(0, str(ROOT))
+
+from agent.demo_inputs import require_shared_dir  # noqa: E402
 
 
 def shared_dir_or_exit(explicit: Path | None) -> Path:

@@ -26,13 +26,14 @@ Usage: python benchmarks/optimize.py [--ratios 0.1,0.2,0.3,0.4] [--steps 2400] [
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import shared_dir_or_exit
+from common import ROOT, shared_dir_or_exit
 
 from agent.contract import detect
 from agent.demo_inputs import DEMO_MODEL
@@ -73,7 +74,9 @@ def main() -> int:
 
     def cli(*arguments: object) -> float:
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "models.cli", *map(str, arguments)])
+        # the training environment's Python finds the project by path, from any folder
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run([sys.executable, "-m", "models.cli", *map(str, arguments)], env=env)
         if done.returncode != 0:
             raise SystemExit(done.returncode)
         return time.monotonic() - started
