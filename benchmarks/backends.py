@@ -80,12 +80,13 @@ def rknn_row(shared: Path, fp32: Path, float_map: float) -> str:
     from agent.vision import load_backend
     from models.convert.rknn import convert
     from models.errors import FactoryError
-    from models.evaluate import letterboxed, outputs_map
+    from models.evaluate import letterboxed, outputs_matches
+    from models.metrics import scores
 
     dataset = load_dataset(shared / "datasets" / "coco8")
     reference = load_backend("onnxruntime", fp32, ModelConfig(path=fp32))
     names = reference.info.class_names
-    items = letterboxed(reference, dataset)
+    items = list(letterboxed(reference, dataset))  # coco8: 8 images
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         synthesise([shared / "images" / "bus.jpg", shared / "images" / "zidane.jpg"],
@@ -94,7 +95,8 @@ def rknn_row(shared: Path, fp32: Path, float_map: float) -> str:
             done = convert(fp32, work / "calib", work / "m.rknn", [t for t, _ in items])
         except FactoryError as exc:
             return f"RKNN (RK3588 NPU) simulator: not run: {exc}"
-    map50_95, map50 = outputs_map(dataset, done.outputs, [box for _, box in items], names)
+    figures = scores(outputs_matches(dataset, done.outputs, [box for _, box in items], names))
+    map50_95, map50 = figures.map50_95, figures.map50
     return (
         f"RKNN rk3588 int8, rknn-toolkit2 simulator: mAP50-95 {map50_95:.4f} (fp32 "
         f"{float_map:.4f}, {100 * (map50_95 - float_map):+.2f} points), mAP50 {map50:.3f}; "

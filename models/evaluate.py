@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,11 +188,12 @@ def _class_map(dataset: Dataset, names: dict[int, str]) -> dict[int, int]:
 
 
 def outputs_matches(
-    dataset: Dataset, outputs: list[np.ndarray], boxes: list[Any], names: dict[int, str]
+    dataset: Dataset, outputs: Iterable[np.ndarray], boxes: Iterable[Any], names: dict[int, str]
 ) -> Matches:
     """Raw head outputs (one per dataset image, with its letterbox) decoded as the agent does and
-    matched to the ground truth: for outputs computed elsewhere (an NPU simulator). Its scores
-    give mAP; two of them on the same images give a paired interval."""
+    matched to the ground truth: for outputs computed elsewhere (an NPU simulator). Each output
+    is decoded as it comes, so a lazy sequence stays lazy. Its scores give mAP; two of them on
+    the same images give a paired interval."""
     found = [decode(o, box, EVAL_PARAMS, names) for o, box in zip(outputs, boxes, strict=True)]
     return _matches(dataset, found, names)
 
@@ -220,17 +222,14 @@ def agreement(reference: list[list[Detection]], candidate: list[list[Detection]]
     return 2 * matched / (total_ref + total_cand)
 
 
-def letterboxed(backend: Backend, dataset: Dataset) -> list[tuple[np.ndarray, Any]]:
-    """Each dataset image as the agent feeds ``backend``: the tensor and its letterbox geometry."""
+def letterboxed(backend: Backend, dataset: Dataset) -> Iterator[tuple[np.ndarray, Any]]:
+    """Each dataset image as the agent feeds ``backend``: the tensor and its letterbox geometry,
+    one image at a time (990 of them in float32 are 4.9 GB)."""
     pre = Preprocessor(backend.info.imgsz, np.dtype(backend.info.input_dtype), pool_size=1)
-    prepared = []
     for sample in dataset.samples:
-        image = cv2.imread(str(sample.image), cv2.IMREAD_COLOR)
-        tensor, box = pre(
-            image, out=np.empty((1, 3, *backend.info.imgsz), backend.info.input_dtype)
+        yield pre(
+            _read(sample), out=np.empty((1, 3, *backend.info.imgsz), backend.info.input_dtype)
         )
-        prepared.append((tensor, box))
-    return prepared
 
 
 CHUNK = 32  # images letterboxed at a time: bounded memory, and one emulated process per chunk

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -188,18 +189,20 @@ def _converted(request: ReleaseRequest, target: str, work: Path) -> tuple[Path, 
             f"{model.name} is {info.precision}: {target} quantizes the float model itself"
         )
     reference = load_backend("onnxruntime", model, ModelConfig(path=model))
+    shipped = work / "model.rknn"
     try:
-        tensors = []
+        # handed to the conversion one image at a time: a gate set never sits in memory whole
+        inputs: list[Iterable[Any]] = []
         if not request.gate.skip and request.gate.data is not None:
-            tensors += [t for t, _ in letterboxed(reference, load_dataset(request.gate.data))]
+            dataset = load_dataset(request.gate.data)
+            inputs.append(t for t, _ in letterboxed(reference, dataset))
         if request.golden is None and request.golden_images:
             entries = golden_images(list(request.golden_images))
-            tensors += [t for t, _ in golden_inputs(entries, info.imgsz, info.input_dtype)]
+            inputs.append(t for t, _ in golden_inputs(entries, info.imgsz, info.input_dtype))
+        conversion = convert(model, request.calib, shipped, chain(*inputs), imgsz=info.imgsz)
     finally:
         reference.close()
-    shipped = work / "model.rknn"
-    conversion = convert(model, request.calib, shipped, tensors, imgsz=info.imgsz)
-    return shipped, SimulatorRunner.of(tensors, conversion), replace(info, precision="int8")
+    return shipped, SimulatorRunner.of(conversion), replace(info, precision="int8")
 
 
 def _golden_for(request: ReleaseRequest, runner: object, target: str) -> dict:

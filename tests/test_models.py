@@ -465,6 +465,25 @@ def test_evaluate_runs_each_model_on_the_runtime_asked_for(fp32_model, shared):
     assert wrong.returncode == 2 and "2 --runtime for 1 --model" in wrong.stderr
 
 
+def test_evaluation_images_are_letterboxed_one_at_a_time(fp32_backend, shared):
+    """convert --data and publish's gate hand a whole set to the simulator this way: voc2007-val's
+    990 images letterboxed in float32 are 4.9 GB, so none may be held once handed on."""
+    import gc
+    import weakref
+
+    from models.datasets import load_dataset
+    from models.evaluate import letterboxed
+
+    handed, alive = [], []
+    for tensor, _ in letterboxed(fp32_backend, load_dataset(shared / "datasets" / "coco8")):
+        assert tensor.shape == (1, 3, 640, 640)
+        handed.append(weakref.ref(tensor))
+        del tensor
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in handed))
+    assert len(handed) == 8 and alive == [0] * 8
+
+
 def _voc_frames(shared: Path, folder: Path, count: int) -> Path:
     import shutil
 

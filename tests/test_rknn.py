@@ -5,9 +5,11 @@ runtime is missing."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
+import weakref
 
 import cv2
 import numpy as np
@@ -105,11 +107,26 @@ def test_the_npu_input_is_the_letterboxed_image_in_uint8_nhwc():
 def test_rk3588_int8_on_the_simulator_detects_what_the_float_model_does(
     rknn_python, fp32_model, fp32_backend, calib, shared, tmp_path
 ):
-    from models.convert.rknn import convert, letterbox_images
+    from models.convert.rknn import SavedOutputs, convert, letterbox_images
 
     images = [shared / "images" / f"{name}.jpg" for name in IMAGES]
     prepared = letterbox_images(images, (640, 640))
-    done = convert(fp32_model, calib, tmp_path / "yolov8n.rknn", [t for t, _ in prepared])
+    handed: list[weakref.ref] = []
+    alive_at_each_hand = []
+
+    def one_at_a_time():  # fresh copies, so only the conversion can keep them alive
+        for tensor, _ in prepared:
+            gc.collect()
+            alive_at_each_hand.append(sum(ref() is not None for ref in handed))
+            copy = tensor.copy()
+            handed.append(weakref.ref(copy))
+            yield copy
+
+    done = convert(fp32_model, calib, tmp_path / "yolov8n.rknn", one_at_a_time())
+    # the evaluation images are consumed as they come (a whole set would not fit in memory),
+    # and the outputs wait on disk, not in a list
+    assert max(alive_at_each_hand) <= 1  # at most the one being saved, never the set
+    assert isinstance(done.outputs, SavedOutputs) and len(done.outputs) == len(images)
     assert (tmp_path / "yolov8n.rknn").stat().st_size > 1_000_000
     record = json.loads((tmp_path / "yolov8n.rknn.json").read_text())
     assert record["imgsz"] == [640, 640] and "names" in record["metadata"]

@@ -16,9 +16,10 @@ import hashlib
 import json
 import subprocess
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import cv2
 import numpy as np
@@ -61,28 +62,62 @@ def letterbox_images(images: list[Path], imgsz: tuple[int, int]) -> list[tuple[n
     return prepared
 
 
-def _save_uint8(tensors: list[np.ndarray], folder: Path) -> list[Path]:
-    """Tensors as the NCHW uint8 the NPU takes (the .rknn divides by 255 itself)."""
+def _save_uint8(tensors: Iterable[np.ndarray], folder: Path) -> tuple[list[Path], list[str]]:
+    """Tensors as the NCHW uint8 the NPU takes (the .rknn divides by 255 itself), saved as they
+    come: the files, and each one's identity (``_key``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    saved = []
+    saved, keys = [], []
     for i, tensor in enumerate(tensors):
         target = folder / f"{i:05d}.npy"
-        np.save(target, np.round(tensor * 255).astype(np.uint8))
+        pixels = _pixels(tensor)
+        np.save(target, pixels)
         saved.append(target)
-    return saved
+        keys.append(hashlib.sha256(pixels.tobytes()).hexdigest())
+    return saved, keys
+
+
+class SavedOutputs(Sequence[np.ndarray]):
+    """The simulator's merged head outputs, one ``.npy`` per evaluation input in a folder that
+    lives as long as this object: 990 of them are 2.8 GB, so they are read back one at a time."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="edge-models-rknn-outputs-")
+        self._count = 0
+
+    def append(self, output: np.ndarray) -> None:
+        np.save(self._path(self._count), output)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[np.ndarray]: ...
+    def __getitem__(self, index: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if not -self._count <= index < self._count:
+            raise IndexError(f"output {index} of {self._count}")
+        return np.load(self._path(index % self._count))
+
+    def _path(self, index: int) -> Path:
+        return Path(self._folder.name) / f"{index:05d}.npy"
 
 
 @dataclass
 class Conversion:
     rknn: Path
-    outputs: list[np.ndarray]  # per evaluation tensor: the merged [1, 4+nc, N] head output
+    outputs: SavedOutputs  # per evaluation tensor: the merged [1, 4+nc, N] head output
+    keys: list[str]  # per evaluation tensor: its identity as the NPU sees it (``_key``)
 
 
 def convert(
     model: Path,
     calib: Path,
     out: Path,
-    evaluate_on: list[np.ndarray] | None = None,
+    evaluate_on: Iterable[np.ndarray] | None = None,
     full_graph: bool = False,
     imgsz: tuple[int, int] = (640, 640),
     algorithm: str = "normal",
@@ -90,8 +125,9 @@ def convert(
     count: int = CALIBRATION_FRAMES,
 ) -> Conversion:
     """Convert ``model`` to ``out`` (written only when all went well); with ``evaluate_on``
-    (letterboxed float tensors, as the agent feeds a model), the simulator's merged head outputs
-    on them, from the same build whose bytes are written. ``count`` frames calibrate, picked
+    (letterboxed float tensors, as the agent feeds a model; consumed one at a time, so a whole
+    evaluation set never sits in memory), the simulator's merged head outputs on them, from the
+    same build whose bytes are written, kept on disk. ``count`` frames calibrate, picked
     evenly over ``calib``; ``algorithm`` and ``hybrid`` (a cosine threshold: rknn-toolkit2's
     auto hybrid keeps the layers below it in float16) are the toolkit's own options.
 
@@ -109,20 +145,21 @@ def convert(
         source = work / "model.onnx"
         if full_graph:
             source.write_bytes(model.read_bytes())
-            evaluate_on = evaluate_on or calibration[:1]
         else:
             cut_at_head(model, source)
         _relabel_opset(source, 19)
-        calib_files = _save_uint8(calibration, work / "calib")
+        calib_files, _ = _save_uint8(calibration, work / "calib")
         (work / "dataset.txt").write_text("".join(f"{p}\n" for p in calib_files))
-        eval_files = _save_uint8(evaluate_on or [], work / "eval")
+        eval_files, keys = _save_uint8(evaluate_on or [], work / "eval")
+        if full_graph and not eval_files:  # its collapse is shown on a calibration frame
+            eval_files, keys = _save_uint8(calibration[:1], work / "eval")
         job = {
             "platform": PLATFORM,
             "model": str(source),
             "dataset": str(work / "dataset.txt"),
             "out": str(work / "model.rknn"),
             "inputs": [str(p) for p in eval_files],
-            "outputs": str(work / "outputs.npz"),
+            "outputs": str(work / "outputs"),
             "algorithm": algorithm,
             "hybrid": hybrid,
         }
@@ -136,10 +173,10 @@ def convert(
             )
         if not answer.get("ok"):
             raise FactoryError(f"rknn-toolkit2 could not convert {model.name} ({failure})")
-        raw = np.load(work / "outputs.npz") if eval_files else {}
-        outputs = []
+        outputs = SavedOutputs()
         for i in range(len(eval_files)):
-            maps = [raw[f"{i}_{j}"] for j in range(sum(k.startswith(f"{i}_") for k in raw))]
+            with np.load(work / "outputs" / f"{i:05d}.npz") as raw:
+                maps = [raw[f"arr_{j}"] for j in range(len(raw.files))]
             outputs.append(maps[0] if full_graph else merge_split_head(maps))
         if full_graph:
             best = max(float(o[0, 4:].max()) for o in outputs)
@@ -165,7 +202,7 @@ def convert(
         for path, content in ((out.with_name(out.name + ".json"), json.dumps(record, indent=1)
                                .encode()), (out, data)):  # fmt: skip
             write_atomic(path, content)
-        return Conversion(out, outputs)
+        return Conversion(out, outputs, keys)
 
 
 @dataclass
@@ -174,20 +211,21 @@ class SimulatorRunner:
     whose bytes ship: the gate and the golden set judge exactly the published .rknn (a rebuild
     is not byte-identical, and a written .rknn cannot run on the simulator)."""
 
-    outputs: dict[str, np.ndarray]
+    outputs: SavedOutputs
+    index: dict[str, int]  # an input's identity (``_key``) -> its place in ``outputs``
     target: str = PLATFORM
     measures_speed: bool = False  # the simulator's speed says nothing of the NPU's
 
     @classmethod
-    def of(cls, tensors: list[np.ndarray], conversion: Conversion) -> SimulatorRunner:
-        return cls(dict(zip(map(_key, tensors), conversion.outputs, strict=True)))
+    def of(cls, conversion: Conversion) -> SimulatorRunner:
+        return cls(conversion.outputs, {key: i for i, key in enumerate(conversion.keys)})
 
     def describe(self) -> str:
         return f"{RKNN_PINS} simulator, the build that ships ({PLATFORM} INT8; accuracy only)"
 
     def run(self, model: Path, tensors: list[np.ndarray], loaded: Any = None) -> list[np.ndarray]:
         try:
-            return [self.outputs[_key(t)] for t in tensors]
+            return [self.outputs[self.index[_key(t)]] for t in tensors]
         except KeyError:
             raise FactoryError(
                 f"{model.name}: an input the {PLATFORM} build was not run on (the simulator "
@@ -195,9 +233,14 @@ class SimulatorRunner:
             ) from None
 
 
+def _pixels(tensor: np.ndarray) -> np.ndarray:
+    """A letterboxed 0..1 float tensor as the NPU takes it: uint8."""
+    return np.round(tensor * 255).astype(np.uint8)
+
+
 def _key(tensor: np.ndarray) -> str:
     """A tensor's identity as the NPU sees it: its uint8 pixels."""
-    return hashlib.sha256(np.round(tensor * 255).astype(np.uint8).tobytes()).hexdigest()
+    return hashlib.sha256(_pixels(tensor).tobytes()).hexdigest()
 
 
 def _relabel_opset(path: Path, version: int) -> None:
@@ -241,7 +284,8 @@ def convert_and_compare(
     count: int = CALIBRATION_FRAMES,
 ) -> tuple[Conversion, list[dict[str, Any]]]:
     """Convert ``model`` to ``out``; with ``data``, the float model's mAP on ONNX Runtime beside
-    the converted build's on the simulator (same letterboxed images), one row each."""
+    the converted build's on the simulator (same letterboxed images), one row each. Images are
+    letterboxed one at a time and only detections are kept: memory does not grow with ``data``."""
     from agent.config import ModelConfig
     from agent.vision import load_backend
     from models.datasets import load_dataset
@@ -251,19 +295,19 @@ def convert_and_compare(
     reference = load_backend("onnxruntime", model, ModelConfig(path=model))
     try:
         dataset = load_dataset(data) if data is not None else None
-        items = letterboxed(reference, dataset) if dataset is not None else []
-        tensors = [tensor for tensor, _ in items]
-        done = convert(model, calib, out, tensors, full_graph, reference.info.imgsz,
+        inputs = (t for t, _ in letterboxed(reference, dataset)) if dataset is not None else None
+        done = convert(model, calib, out, inputs, full_graph, reference.info.imgsz,
                        algorithm=algorithm, hybrid=hybrid, count=count)  # fmt: skip
         rows = []
         if dataset is not None:
-            boxes = [box for _, box in items]
+            boxes = [box for _, box in letterboxed(reference, dataset)]
             names = reference.info.class_names
             matched = []
             for name, runtime, outputs in (
-                (model.name, "onnxruntime fp32", [reference.infer(t) for t in tensors]),
+                (model.name, "onnxruntime fp32",
+                 (reference.infer(t) for t, _ in letterboxed(reference, dataset))),
                 (out.name, f"{label} int8 (rknn-toolkit2 simulator)", done.outputs),
-            ):
+            ):  # fmt: skip
                 matched.append(outputs_matches(dataset, outputs, boxes, names))
                 figures = scores(matched[-1])
                 rows.append({"model": name, "runtime": runtime, "map50_95": figures.map50_95,
