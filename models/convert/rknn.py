@@ -175,8 +175,10 @@ def convert(
             raise FactoryError(f"rknn-toolkit2 could not convert {model.name} ({failure})")
         outputs = SavedOutputs()
         for i in range(len(eval_files)):
-            with np.load(work / "outputs" / f"{i:05d}.npz") as raw:
+            raw_file = work / "outputs" / f"{i:05d}.npz"
+            with np.load(raw_file) as raw:
                 maps = [raw[f"arr_{j}"] for j in range(len(raw.files))]
+            raw_file.unlink()  # the raw form goes as the merged one is written
             outputs.append(maps[0] if full_graph else merge_split_head(maps))
         if full_graph:
             best = max(float(o[0, 4:].max()) for o in outputs)
