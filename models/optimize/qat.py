@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,8 @@ aten = torch.ops.aten
 OWN_RANGE = (aten.sigmoid.default, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor,
              aten.cat.default)  # fmt: skip
 INPUT_RANGE = (aten.max_pool2d.default, aten.upsample_nearest2d.vec)
+# C2f's Split: each part keeps its input's range, so ONNX Runtime splits int8 (PTQ's layout)
+SPLITS = (aten.split_with_sizes.default, aten.split.Tensor)
 
 
 class PercentileObserver(MinMaxObserver):
@@ -142,6 +145,11 @@ class RecipeQuantizer(Quantizer):
             elif node.target in INPUT_RANGE:
                 inputs = {node.args[0]: act}
                 output = SharedQuantizationSpec((node.args[0], node))
+            elif node.target in SPLITS:  # its parts are the getitems after it
+                inputs, output = {node.args[0]: act}, None
+            elif node.target is operator.getitem and _is_split(node.args[0]):
+                split = node.args[0]
+                inputs, output = {}, SharedQuantizationSpec((split.args[0], split))
             else:
                 continue
             node.meta[ANNOTATION] = QuantizationAnnotation(
@@ -156,6 +164,10 @@ class RecipeQuantizer(Quantizer):
         missing = [n.name for n in convs if ANNOTATION not in n.meta]
         if missing:
             raise FactoryError(f"QAT: convolutions this quantizer does not know: {missing[:5]}")
+
+
+def _is_split(node: Any) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in SPLITS
 
 
 def fixed_upsamples(module: GraphModule) -> int:

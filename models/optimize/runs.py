@@ -379,7 +379,7 @@ def qat_model(
     recipe(target)  # raises for a target the quantizer does not make (rk3588)
     learning = _learning(frames, data, size, device, out, overwrite)
     learn, where, size = learning.frames, learning.device, learning.size
-    base = load_detector(model)
+    base = load_detector(model, merge_c2f=True)
     teacher = base
     if teacher_path is not None:  # a model is its own teacher without the check's two forwards
         teacher = load_detector(teacher_path)

@@ -41,8 +41,11 @@ class Detector:
     names: dict[str, torch.nn.Module] = field(default_factory=dict)  # module name -> conv
 
 
-def load_detector(path: Path) -> Detector:
-    """``path`` (a float YOLOv8 ONNX) as a torch module.
+def load_detector(path: Path, merge_c2f: bool = False) -> Detector:
+    """``path`` (a float YOLOv8 ONNX) as a torch module. C2f's first convolutions are split in
+    two for pruning; with ``merge_c2f`` (QAT, which never prunes) each is one convolution and a
+    Split, as ``quantize`` lays it out and as a pruned model is quantized: one integer
+    convolution where the split form runs two.
 
     Raises:
         FactoryError: unreadable, quantized, or not a YOLOv8 detect model (named).
@@ -59,6 +62,10 @@ def load_detector(path: Path) -> Detector:
         prepared = prepare(source)
     except ModelError as exc:
         raise FactoryError(f"{path.name} is not a YOLOv8 detect model: {exc}") from None
+    if merge_c2f:
+        from models.quantize import merge_split_convolutions
+
+        merge_split_convolutions(prepared.body)
     module = convert(prepared.body)
     module.train()
     convs = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d)}

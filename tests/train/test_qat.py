@@ -43,6 +43,9 @@ def test_qat_exports_a_fused_qdq_model_that_keeps_bus_detections(fp32_model, sha
     assert record["fake_quantizers"] > 150 and record["weights_folded"] >= 60
     ops = fused_ops(out, tmp_path)
     assert ops["QLinearConv"] >= 60 and ops["Conv"] <= 1, ops  # integer convolutions, not float
+    # C2f's first convolutions whole, with an int8 Split, as PTQ lays them out (their halves,
+    # split for pruning, are two more integer convolutions a C2f: 71)
+    assert ops["QLinearConv"] == 63 and ops["Split"] >= 8, ops
     # one QuantizeLinear, the image's: every activation stays integer up to the head's maps
     # (SiLU, the residual adds, the concats, SPPF's pools and the upsamples included), as in PTQ
     assert ops["QuantizeLinear"] == 1 and ops["QLinearSigmoid"] >= 57, ops
@@ -112,7 +115,7 @@ def test_qat_starts_from_the_activation_ranges_quantize_takes_on_the_same_frames
     ptq = tmp_path / "ptq.onnx"
     quantize(fp32_model, shared / "images", ptq, recipe(target), progress=False, target=target,
              frames=2)  # fmt: skip
-    student, record = prepare(load_detector(fp32_model), target,
+    student, record = prepare(load_detector(fp32_model, merge_c2f=True), target,
                               FrameSet(frame_paths(shared / "images"), 640))  # fmt: skip
     assert record["calibration"] == "99.999th percentile, 2 frames"
     freeze(student)
@@ -121,14 +124,17 @@ def test_qat_starts_from_the_activation_ranges_quantize_takes_on_the_same_frames
            model_pass=fast_dfl_layout)  # fmt: skip
     ours = activation_scales(untrained)
     theirs = activation_scales(ptq)
-    # within 1 %: torch's and ONNX Runtime's convolutions differ in their last bits, and the
-    # tails of two frames are a few extreme values
+    # the same layout: as many activation ranges as PTQ's, each within 5 % of one of PTQ's and
+    # most within 1 % (torch's and ONNX Runtime's convolutions differ in their last bits, and
+    # the tails of two frames are a few extreme values: 202 of 218 measured). QAT trained C2f's
+    # first convolution as two until 2026-12-07 (17 ranges without a match, and two integer
+    # convolutions a C2f where PTQ runs one); the min-max ranges before that left 72 of 218
+    # unmatched, and torch's FX quantization, before pt2e, left the upsamples float.
     matched = [s for s in theirs if any(abs(o - s) <= 0.01 * s for o in ours)]
-    # the rest are where the layouts differ: C2f's first convolution, one tensor that PTQ
-    # splits, is two convolutions here (8 C2f x conv, sigmoid and SiLU outputs; 17 measured).
-    # The min-max ranges this replaced left 72 of 218 unmatched here, and torch's FX
-    # quantization, before pt2e, left the upsamples float.
-    assert len(theirs) - len(matched) <= 8 * 3, (len(matched), len(theirs))
+    assert len(ours) == len(theirs), (len(ours), len(theirs))
+    assert len(theirs) - len(matched) <= 24, (len(matched), len(theirs))
+    assert all(any(abs(o - s) <= 0.05 * s for o in ours) for s in theirs)
+    assert fused_ops(untrained, tmp_path) == fused_ops(ptq, tmp_path)
     optimized = tmp_path / "optimized.onnx"
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(optimized)
@@ -171,6 +177,8 @@ def test_qat_of_a_pruned_model_distils_from_the_unpruned_teacher(fp32_model, sha
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"images": np.zeros((1, 3, 640, 640), np.float32)})[0].shape == (
         1, 84, 8400)  # fmt: skip
+    # the pruned model's split C2f convolutions trained and shipped whole again, as PTQ does
+    assert fused_ops(out, tmp_path)["QLinearConv"] == 63
 
 
 def test_a_resumed_qat_ends_where_an_uninterrupted_one_does(fp32_model, shared):
