@@ -16,7 +16,8 @@ INT8 <= 0.45 x fp32 latency at <= 3 points of mAP50-95 below fp32.
 
 Run it with the training environment's Python (torch): `$(bash scripts/setup-train.sh)
 benchmarks/optimize.py`. About --steps x 0.8 s a ratio at 640 px on a quiet 2-core AMD EPYC
-(Zen 5): 4200 steps is the goal's 60 minutes there.
+(Zen 5): 4200 steps is the goal's 60 minutes there; about 1.2 s on a Zen 3 EPYC, 1.0 s on an
+Intel Xeon (family 6 model 167).
 
 Usage: python benchmarks/optimize.py [--ratios 0.1,0.2,0.3,0.4] [--steps 2400] [--size 640]
        [--lr 1e-4] [--qat-steps 0] [--qat-lr 1e-4] [--rounds 40] [--report DIR] [--data DIR]
